@@ -1,0 +1,514 @@
+"""The wire contracts: the value of every message on every pushstream topic.
+
+Every value is one UTF-8 JSON object. The models below are the single source of
+the JSON Schemas in ``topics/`` (``pushstream topics schemas --write``), so an
+upstream team can validate what it publishes, and an analytics team what it
+reads, against the same definitions the worker uses.
+
+Inputs from upstream (registrations, notifications) are validated strictly:
+unknown fields are refused, so a typo is reported on the dead-letters topic
+instead of being silently ignored. Times that upstream writes are ISO 8601
+with a zone; times that pushstream writes are integers, milliseconds since
+the epoch, in fields whose names end in ``_ms``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+Platform = Literal["apns", "fcm", "wns"]
+PLATFORMS: tuple[Platform, ...] = ("apns", "fcm", "wns")
+Environment = Literal["production", "development"]
+
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+UserId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=_PRINTABLE)
+]
+DeviceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=_PRINTABLE)
+]
+AppId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=_PRINTABLE)
+]
+NotificationId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=_PRINTABLE)
+]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+# Limits on a token's shape. APNs tokens are hex of a length Apple may change
+# (PROTOCOLS.md 1.6); FCM registration tokens are opaque URL-safe strings; a WNS
+# token is the channel URI the client received from Windows (at most 2048 chars).
+APNS_TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){8,100}$")
+FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:\-.]{16,4096}$")
+WNS_CHANNEL_MAX = 2048
+
+# FCM keeps a message for at most 28 days; no provider keeps one longer.
+MAX_TTL_S = 28 * 24 * 3600
+
+
+def token_problem(platform: Platform, token: str) -> str | None:
+    """Say what is wrong with a device token's shape, or None when it is fine."""
+    if platform == "apns":
+        if not APNS_TOKEN_RE.match(token):
+            return "an APNs token is an even number (16 to 200) of hex digits"
+        return None
+    if platform == "fcm":
+        if not FCM_TOKEN_RE.match(token):
+            return "an FCM token is 16 to 4096 characters of A-Z a-z 0-9 _ : - ."
+        return None
+    if len(token) > WNS_CHANNEL_MAX:
+        return "a WNS channel URI is at most 2048 characters"
+    parts = urlsplit(token)
+    if parts.scheme != "https" or not parts.hostname:
+        return "a WNS channel URI is an https URL"
+    return None
+
+
+def normalize_token(platform: Platform, token: str) -> str:
+    """Return the canonical form of a token (APNs hex is lower-cased)."""
+    return token.lower() if platform == "apns" else token
+
+
+def token_fingerprint(token: str) -> str:
+    """A stable, non-reversible name for a token: 32 hex digits of its SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def device_id_for_token(token: str) -> str:
+    """The device id used when a registration names none: the token is the device."""
+    return "tok-" + token_fingerprint(token)[:20]
+
+
+def to_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch of an aware datetime."""
+    return int(moment.timestamp() * 1000)
+
+
+class _Input(BaseModel):
+    """An event published by an upstream service: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Output(BaseModel):
+    """An event pushstream publishes: readers should ignore fields they don't know."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --- registrations (key: user id) ------------------------------------------------
+
+
+class Register(_Input):
+    """A device announces its current push token; apps send this on every start.
+
+    An unchanged token only refreshes the device's last-seen time; a new token
+    for a known device replaces the old one.
+    """
+
+    type: Literal["register"]
+    user_id: UserId
+    device_id: DeviceId | None = Field(
+        default=None, description="Omitted: the token identifies the device."
+    )
+    platform: Platform
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    app: AppId = Field(
+        description="APNs bundle id, FCM project id, or WNS package (as configured)."
+    )
+    environment: Environment = Field(
+        default="production", description="APNs environment of the token."
+    )
+    locale: ShortText | None = None
+    timezone: ShortText | None = None
+    app_version: ShortText | None = None
+    event_time: AwareDatetime = Field(description="When the device registered.")
+
+    @model_validator(mode="after")
+    def _token_shape(self) -> Register:
+        problem = token_problem(self.platform, self.token)
+        if problem:
+            raise ValueError(f"malformed token: {problem}")
+        return self
+
+
+class Unregister(_Input):
+    """A device is gone (logged out, uninstalled): remove it from the user."""
+
+    type: Literal["unregister"]
+    user_id: UserId
+    device_id: DeviceId | None = None
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = (
+        None
+    )
+    event_time: AwareDatetime
+
+    @model_validator(mode="after")
+    def _names_a_device(self) -> Unregister:
+        if self.device_id is None and self.token is None:
+            raise ValueError("unregister names a device_id or a token")
+        return self
+
+
+Registration = Annotated[Register | Unregister, Field(discriminator="type")]
+REGISTRATION: TypeAdapter[Register | Unregister] = TypeAdapter(Registration)
+
+
+# --- the devices table (key: user id) ---------------------------------------------
+
+
+class Device(_Output):
+    """One device of a user, as the devices table holds it."""
+
+    device_id: str
+    platform: Platform
+    token: str
+    app: str
+    environment: Environment = "production"
+    state: Literal["active", "invalid"] = "active"
+    registered_at_ms: int = Field(description="When this token was first registered.")
+    last_seen_ms: int = Field(description="Latest register event time for it.")
+    updated_at_ms: int = Field(description="Event time of the last change applied.")
+    invalid_reason: str | None = None
+    invalidated_at_ms: int | None = None
+    locale: str | None = None
+    timezone: str | None = None
+    app_version: str | None = None
+
+
+class UserDevices(_Output):
+    """The value of the devices table for one user."""
+
+    devices: list[Device] = Field(default_factory=list)
+    removed: dict[str, int] = Field(
+        default_factory=dict,
+        description="device id -> event time (ms) of its removal, so that an older "
+        "register arriving late does not bring the device back.",
+    )
+
+
+# --- notifications (key: user id) ---------------------------------------------------
+
+
+class RawTarget(_Input):
+    """A device addressed by its token, without a table lookup."""
+
+    platform: Platform
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    app: AppId
+    environment: Environment = "production"
+
+    @model_validator(mode="after")
+    def _token_shape(self) -> RawTarget:
+        problem = token_problem(self.platform, self.token)
+        if problem:
+            raise ValueError(f"malformed token: {problem}")
+        return self
+
+
+class ApnsOverrides(_Input):
+    """Passed to APNs as given: extra headers, and keys merged into the payload."""
+
+    push_type: (
+        Literal[
+            "alert",
+            "background",
+            "location",
+            "voip",
+            "complication",
+            "fileprovider",
+            "mdm",
+            "liveactivity",
+            "pushtotalk",
+        ]
+        | None
+    ) = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    payload: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Top-level keys; an 'aps' object is merged into the built one.",
+    )
+
+
+class FcmOverrides(_Input):
+    """FCM HTTP v1 message blocks, merged into the built message."""
+
+    android: dict[str, Any] | None = None
+    apns: dict[str, Any] | None = None
+    webpush: dict[str, Any] | None = None
+    fcm_options: dict[str, Any] | None = None
+
+
+class WnsOverrides(_Input):
+    """WNS notification type and body; toast XML is built unless xml is given."""
+
+    type: Literal["toast", "tile", "badge", "raw"] = "toast"
+    xml: str | None = Field(default=None, description="Body for toast/tile/badge.")
+    raw: str | None = Field(default=None, description="Body for wns/raw.")
+    tag: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None = (
+        None
+    )
+    group: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None
+    ) = None
+    cache_policy: Literal["cache", "no-cache"] | None = None
+    request_for_status: bool = False
+
+
+class Notification(_Input):
+    """One notification for one user's devices, for raw tokens, or for an audience.
+
+    The target is, in order: ``tokens`` (no table lookup); ``audience`` (split
+    into one notification per user id); else the record key, the user id.
+    """
+
+    id: NotificationId = Field(description="Idempotency key: one send per device.")
+    user_id: UserId | None = Field(
+        default=None, description="Defaults to the record key."
+    )
+    tokens: list[RawTarget] | None = Field(default=None, min_length=1, max_length=1000)
+    audience: list[UserId] | None = Field(default=None, min_length=1, max_length=10000)
+
+    title: str | None = None
+    subtitle: str | None = None
+    body: str | None = None
+    title_loc_key: str | None = None
+    title_loc_args: list[str] | None = None
+    body_loc_key: str | None = None
+    body_loc_args: list[str] | None = None
+    image: Annotated[str, StringConstraints(pattern=r"^https://")] | None = None
+    data: dict[str, str] = Field(default_factory=dict)
+    badge: Annotated[int, Field(ge=0)] | None = None
+    sound: str | None = None
+    category: str | None = None
+    thread_id: str | None = None
+    content_available: bool = Field(default=False, description="Silent push.")
+    mutable_content: bool = False
+    priority: Literal["high", "normal"] = "high"
+    ttl: Annotated[int, Field(ge=0, le=MAX_TTL_S)] | None = Field(
+        default=None, description="Seconds from acceptance; 0 means now or never."
+    )
+    expires_at: AwareDatetime | None = None
+    collapse_key: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    platforms: list[Platform] | None = Field(
+        default=None, description="Send only to devices of these platforms."
+    )
+    apps: list[AppId] | None = Field(
+        default=None, description="Send only to devices of these apps."
+    )
+
+    apns: ApnsOverrides | None = None
+    fcm: FcmOverrides | None = None
+    wns: WnsOverrides | None = None
+
+    created_at: AwareDatetime | None = Field(
+        default=None, description="When upstream created it (for latency)."
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Notification:
+        if self.tokens is not None and self.audience is not None:
+            raise ValueError("give tokens or audience, not both")
+        if self.ttl is not None and self.expires_at is not None:
+            raise ValueError("give ttl or expires_at, not both")
+        has_content = any(
+            (
+                self.title,
+                self.body,
+                self.title_loc_key,
+                self.body_loc_key,
+                self.data,
+                self.content_available,
+                self.apns and self.apns.payload,
+                self.wns and (self.wns.xml or self.wns.raw),
+                self.fcm and (self.fcm.android or self.fcm.apns or self.fcm.webpush),
+            )
+        )
+        if not has_content:
+            raise ValueError(
+                "a notification needs content: title, body, data, "
+                "content_available, or a platform override"
+            )
+        return self
+
+
+# --- sends.{apns,fcm,wns} (key: send id) --------------------------------------------
+
+
+class Send(_Output):
+    """One rendered request to one device, ready for its platform's sender.
+
+    The router renders the provider's body and headers; the sender adds only
+    authentication and transport.
+    """
+
+    send_id: str = Field(description="'<notification id>:<device id>'.")
+    notification_id: str
+    user_id: str | None = None
+    device_id: str
+    platform: Platform
+    app: str
+    environment: Environment = "production"
+    token: str
+    attempt: int = Field(default=1, ge=1, description="The attempt about to be made.")
+    accepted_at_ms: int = Field(description="When the router accepted the notification.")
+    expires_at_ms: int | None = Field(
+        default=None, description="Not sent after this; None: no expiry."
+    )
+    priority: Literal["high", "normal"] = "high"
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Provider headers, without authorization."
+    )
+    body: str = Field(description="The provider request body, exactly as sent.")
+
+
+# --- deliveries (key: notification id) ----------------------------------------------
+
+Outcome = Literal[
+    "delivered",
+    "invalid_token",
+    "failed",
+    "expired",
+    "dropped",
+    "rejected",
+    "duplicate",
+]
+OUTCOMES: tuple[Outcome, ...] = (
+    "delivered",
+    "invalid_token",
+    "failed",
+    "expired",
+    "dropped",
+    "rejected",
+    "duplicate",
+)
+
+
+class Delivery(_Output):
+    """The final outcome of one send, or of a notification that made no send.
+
+    Analytics reads only this topic: every send ends in exactly one Delivery.
+    """
+
+    notification_id: str
+    send_id: str | None = None
+    user_id: str | None = None
+    device_id: str | None = None
+    platform: Platform | None = None
+    app: str | None = None
+    outcome: Outcome
+    reason: str = Field(description="Why; a provider reason or pushstream's own.")
+    status: int | None = Field(default=None, description="Provider HTTP status.")
+    provider_message_id: str | None = None
+    attempts: int = Field(default=0, ge=0, description="Requests made to a provider.")
+    accepted_at_ms: int
+    sent_at_ms: int | None = None
+    completed_at_ms: int
+    latency_ms: int = Field(description="completed_at_ms - accepted_at_ms.")
+
+
+# --- token-events (key: user id) ----------------------------------------------------
+
+TokenEventType = Literal[
+    "invalidated", "replaced", "released", "reregister_requested", "retired"
+]
+
+
+class TokenEvent(_Output):
+    """Something happened to a device token.
+
+    - ``invalidated``: a provider said the token is dead (from a sender).
+    - ``replaced``: the device registered a new token (from the registry).
+    - ``released``: another user registered the token; it leaves this user.
+    - ``reregister_requested``: upstream should ask the app to register again.
+    - ``retired``: the token was not seen for too long and was removed.
+    """
+
+    type: TokenEventType
+    user_id: str | None = None
+    device_id: str | None = None
+    platform: Platform
+    app: str
+    token: str
+    reason: str
+    provider_time_ms: int | None = Field(
+        default=None, description="When the provider says the token became invalid."
+    )
+    event_time_ms: int
+    notification_id: str | None = None
+
+
+# --- token-owners (key: token fingerprint; internal) ---------------------------------
+
+
+class TokenClaim(_Output):
+    """A user registered a token: the previous owner, if any, must let it go."""
+
+    token_fp: str
+    token: str
+    platform: Platform
+    app: str
+    user_id: str
+    device_id: str
+    event_time_ms: int
+
+
+# --- retries (key: send id) ---------------------------------------------------------
+
+
+class RetryRequest(_Output):
+    """A send to make again once ``due_at_ms`` has passed."""
+
+    send: Send
+    due_at_ms: int
+    reason: str
+    status: int | None = None
+
+
+# --- dead-letters (key: the original key) ------------------------------------------
+
+
+class DeadLetter(_Output):
+    """Input that could not be decoded, validated or sent, kept for operators."""
+
+    source_topic: str
+    partition: int | None = None
+    offset: int | None = None
+    key: str | None = None
+    key_encoding: Literal["utf-8", "base64"] = "utf-8"
+    value: str | None = None
+    value_encoding: Literal["utf-8", "base64"] = "utf-8"
+    error: str = Field(description="A readable reason.")
+    stage: str = Field(description="Which part of pushstream refused it.")
+    at_ms: int
+
+
+def describe_error(exc: Exception) -> str:
+    """A readable reason for a refused event that never repeats its input.
+
+    Pydantic's own message quotes the input, which may hold a device token;
+    this keeps the field path and the rule only.
+    """
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    parts = []
+    for error in errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "value"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)[:1000]
