@@ -1,0 +1,205 @@
+"""The Faust application of one pushstream worker: topics, tables and agents.
+
+:class:`Pipeline` builds the Faust app from :class:`~pushstream.config.Settings`
+and holds what every agent shares: the topics (values are raw bytes, decoded
+and validated by the agent that reads them, so a bad event becomes a dead
+letter instead of a crash), the tables, and the helpers that publish events
+and dead letters. Each part of the pipeline (registry, router, senders, retry)
+attaches its agents with an ``attach(pipeline)`` function.
+
+Every agent runs with concurrency 1: faust-streaming can commit past an
+unfinished message when an agent's concurrency is above 1, which would lose
+it on a crash. Parallelism comes from partitions, workers, and from batching
+inside the sender agents.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import faust
+from pydantic import BaseModel
+
+from pushstream.config import Settings
+from pushstream.events import DeadLetter
+
+# Names of pushstream's topics, before the configured prefix.
+REGISTRATIONS = "registrations"
+NOTIFICATIONS = "notifications"
+TOKEN_EVENTS = "token-events"
+TOKEN_OWNERS = "token-owners"
+DELIVERIES = "deliveries"
+RETRIES = "retries"
+DEAD_LETTERS = "dead-letters"
+SENDS = {"apns": "sends.apns", "fcm": "sends.fcm", "wns": "sends.wns"}
+
+# RocksDB's defaults (64 MiB write buffers, a 2 GiB block cache per partition)
+# are sized for a dedicated database host, not for a worker sharing a node.
+ROCKSDB_OPTIONS: dict[str, Any] = {
+    "write_buffer_size": 8 << 20,
+    "max_write_buffer_number": 2,
+    "block_cache_size": 16 << 20,
+}
+
+
+RAW = faust.Schema(
+    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def _text(data: bytes | None) -> tuple[str | None, str]:
+    """Bytes as UTF-8 text when they are, else as base64, with the encoding used."""
+    if data is None:
+        return None, "utf-8"
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"
+
+
+class Pipeline:
+    """The Faust app of one worker, and what its agents share."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = faust.App(
+            settings.app_id,
+            broker=f"kafka://{settings.kafka_bootstrap}",
+            broker_credentials=kafka_credentials(settings),
+            store="rocksdb://",
+            datadir=str(settings.data_dir),
+            topic_partitions=settings.partitions,
+            topic_replication_factor=settings.replication_factor,
+            web_enabled=True,
+            web_host=settings.web_host,
+            web_port=settings.web_port,
+            web_bind=settings.web_host,
+            # Table views would serve device tokens to anyone who can connect.
+            web_tables_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
+            web_router_enabled=False,
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=1.0,
+            broker_commit_interval=1.0,
+            stream_wait_empty=True,
+            table_standby_replicas=0,
+            producer_linger=0.005,
+            consumer_auto_offset_reset="earliest",
+        )
+        self.topics: dict[str, faust.TopicT] = {}
+        for name in (
+            REGISTRATIONS,
+            NOTIFICATIONS,
+            TOKEN_EVENTS,
+            TOKEN_OWNERS,
+            DELIVERIES,
+            RETRIES,
+            DEAD_LETTERS,
+            *SENDS.values(),
+        ):
+            self.topics[name] = self.app.topic(
+                settings.topic(name), schema=RAW, internal=False
+            )
+
+    def table(self, name: str, **options: Any) -> faust.Table[bytes, bytes]:
+        """A RocksDB table with raw bytes keys and values, co-partitioned inputs."""
+        return self.app.Table(
+            name,
+            schema=RAW,
+            partitions=self.settings.partitions,
+            options={**ROCKSDB_OPTIONS, **options.pop("options", {})},
+            **options,
+        )
+
+    async def publish(
+        self, topic: str, key: str | bytes | None, value: BaseModel
+    ) -> Any:
+        """Send an event; the returned future completes when Kafka has it.
+
+        Faust flushes the producer before it commits an offset, so an event
+        published while a message is handled is in Kafka before that message
+        counts as done.
+        """
+        if isinstance(key, str):
+            key = key.encode()
+        return await self.topics[topic].send(
+            key=key, value=value.model_dump_json(exclude_none=True).encode()
+        )
+
+    async def dead_letter(
+        self,
+        *,
+        stage: str,
+        error: str,
+        source_topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> Any:
+        """Keep input that could not be handled, with the reason, and move on."""
+        key_text, key_encoding = _text(key)
+        value_text, value_encoding = _text(value)
+        letter = DeadLetter(
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
+            key=key_text,
+            key_encoding=key_encoding,  # type: ignore[arg-type]  # checked by _text
+            value=value_text,
+            value_encoding=value_encoding,  # type: ignore[arg-type]  # checked by _text
+            error=error,
+            stage=stage,
+            at_ms=now_ms(),
+        )
+        return await self.publish(DEAD_LETTERS, key, letter)
+
+    async def dead_letter_event(
+        self, event: faust.EventT, *, stage: str, error: str
+    ) -> Any:
+        """Dead-letter the Faust event being handled, naming where it came from."""
+        message = event.message
+        return await self.dead_letter(
+            stage=stage,
+            error=error,
+            source_topic=message.topic,
+            key=message.key,
+            value=message.value,
+            partition=message.partition,
+            offset=message.offset,
+        )
+
+
+def kafka_credentials(settings: Settings) -> Any:
+    """Faust credentials for the configured Kafka security, or None for plaintext."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        ssl_context = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            certfile=(
+                str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None
+            ),
+            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    password = settings.kafka_sasl_password
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=password.get_secret_value() if password else None,
+        mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+        ssl_context=ssl_context,
+    )
