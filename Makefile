@@ -1,0 +1,88 @@
+# pushstream developer tasks. `make test` and `make demo` work on a fresh clone:
+# they create the virtualenv, resolve Kafka's jars with Maven and start a
+# local broker as needed.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+# The first Python 3.11+ found; override with `make PYTHON=/path/to/python3.12`.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && { command -v $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PUSHSTREAM := $(BIN)/pushstream
+
+# The local broker: port and data folder as `pushstream kafka` reads them.
+export PUSHSTREAM_KAFKA_PORT ?= 9092
+export PUSHSTREAM_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT)
+
+.PHONY: help venv lint format broker broker-down test demo bench clean
+
+help:
+	@echo "make demo         start a local Kafka broker, create pushstream's topics, show them"
+	@echo "make test         lint, start a broker if none runs, run the whole test suite"
+	@echo "make venv         create .venv and install pushstream with its dev tools"
+	@echo "make lint         ruff check, ruff format --check, mypy"
+	@echo "make format       ruff format and ruff check --fix"
+	@echo "make broker       start the local Kafka broker (127.0.0.1:$(PUSHSTREAM_KAFKA_PORT))"
+	@echo "make broker-down  stop it"
+	@echo "make bench        run the benchmarks"
+	@echo "make clean        remove the virtualenv, caches, jars and broker data"
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "pushstream needs Python 3.11 or newer on PATH" >&2; exit 1; fi
+	@if [ ! -x $(BIN)/python ]; then \
+		echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); fi
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+broker: venv
+	$(PUSHSTREAM) kafka up
+
+broker-down: venv
+	$(PUSHSTREAM) kafka down
+
+# Starts a broker only if none runs for this data folder, and stops that one
+# again however the run ends; the exit code is pytest's (or the first failure's).
+test: venv lint
+	@if ! $(PUSHSTREAM) kafka status; then \
+		trap '$(PUSHSTREAM) kafka down' EXIT; \
+		$(PUSHSTREAM) kafka up; \
+	fi; \
+	$(PUSHSTREAM) topics schemas; \
+	$(PUSHSTREAM) topics create; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PUSHSTREAM) kafka up
+	$(PUSHSTREAM) topics create
+	$(PUSHSTREAM) topics describe
+
+bench: venv
+	@if [ -f bench/run.py ]; then \
+		$(BIN)/python bench/run.py; \
+	else \
+		echo "no benchmarks yet: bench/run.py does not exist"; \
+	fi
+
+clean:
+	-@[ -x $(PUSHSTREAM) ] && $(PUSHSTREAM) kafka down || true
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
