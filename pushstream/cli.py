@@ -6,13 +6,16 @@ status; tracebacks are kept for bugs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from pushstream import __version__, localkafka
+from pushstream import __version__, localkafka, topics
+from pushstream.config import ConfigError, Settings, load_settings
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,6 +125,118 @@ def kafka_status(local: localkafka.LocalKafka) -> None:
     click.echo(f"Kafka {current.describe()}")
     if not current.running:
         sys.exit(1)
+
+
+# --- pushstream topics --------------------------------------------------------
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The settings from the environment, with the given options on top."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return load_settings(**given)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _days(ms: str | None) -> str:
+    if ms is None or not ms.isdigit():
+        return str(ms)
+    return f"{int(ms) / 86_400_000:g}d"
+
+
+def _print_report(report: topics.Report) -> None:
+    for state in report.topics:
+        spec = topics.BY_NAME[state.name]
+        retention = _days(state.config.get("retention.ms"))
+        plural = "" if state.partitions == 1 else "s"
+        click.echo(
+            f"{state.action:<9} {state.topic:<32} {state.partitions:>3} partition"
+            f"{plural:<1}  {state.config.get('cleanup.policy', '-')}, retention "
+            f"{retention}  key: {spec.key}"
+        )
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    if not report.ok:
+        click.echo(
+            "some topics differ from the spec; pushstream never alters an existing "
+            "topic: fix or delete it, or change the settings",
+            err=True,
+        )
+
+
+@cli.group("topics")
+@click.option(
+    "--bootstrap",
+    default=None,
+    help="Kafka bootstrap servers [env PUSHSTREAM_KAFKA_BOOTSTRAP].",
+)
+@click.option(
+    "--prefix", default=None, help="Topic name prefix [env PUSHSTREAM_TOPIC_PREFIX]."
+)
+@click.pass_context
+def topics_group(ctx: click.Context, bootstrap: str | None, prefix: str | None) -> None:
+    """pushstream's Kafka topics: create and check them, and their JSON Schemas."""
+    ctx.obj = {"kafka_bootstrap": bootstrap, "topic_prefix": prefix}
+
+
+@topics_group.command("create")
+@click.pass_obj
+def topics_create(overrides: dict[str, Any]) -> None:
+    """Create the missing topics and check the others; exit 1 if any differs."""
+    settings = _settings(**overrides)
+    try:
+        report = asyncio.run(topics.ensure_topics(settings))
+    except topics.TopicError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_report(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+@topics_group.command("describe")
+@click.pass_obj
+def topics_describe(overrides: dict[str, Any]) -> None:
+    """Show the topics as the broker has them; exit 1 if any is missing or differs."""
+    settings = _settings(**overrides)
+    try:
+        report = asyncio.run(topics.describe_topics(settings))
+    except topics.TopicError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_report(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+@topics_group.command("schemas")
+@click.option(
+    "--write", is_flag=True, help="Rewrite the files instead of checking them."
+)
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the files are [default: topics/ in the project].",
+)
+def topics_schemas(write: bool, folder: Path | None) -> None:
+    """Check topics/<name>.json against the event models (exit 1 on drift)."""
+    folder = folder or localkafka.project_root() / "topics"
+    if write:
+        for path in topics.write_schemas(folder):
+            click.echo(f"wrote {path}")
+        return
+    drift = topics.schema_drift(folder)
+    for problem in drift:
+        click.echo(f"error: {problem}", err=True)
+    if drift:
+        click.echo(
+            "the topic schemas are out of date: run `pushstream topics schemas "
+            "--write` and commit topics/",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(f"{len(topics.TOPICS)} topic schemas in {folder} match the models")
 
 
 def main() -> None:
