@@ -519,12 +519,13 @@ def _wait_ready(kafka: LocalKafka, pid: int | None, deadline: float) -> None:
     """Poll until a metadata request lists the broker, the JVM exits, or the
     deadline passes (then raise with the log's tail)."""
     while True:
+        if pid is not None:
+            _reap(pid)  # a JVM that exited is our zombie until reaped
         if pid is not None and not _pid_alive(pid):
-            _reap(pid)
             raise LocalKafkaError(
                 f"the Kafka broker exited while starting\n{_log_tails(kafka)}"
             )
-        if _port_open(kafka.port) and asyncio.run(_metadata_ok(kafka.bootstrap)):
+        if broker_answers(kafka.bootstrap):
             return
         if time.monotonic() > deadline:
             raise LocalKafkaError(
@@ -532,6 +533,15 @@ def _wait_ready(kafka: LocalKafka, pid: int | None, deadline: float) -> None:
                 f"{_log_tails(kafka)}"
             )
         time.sleep(0.25)
+
+
+def broker_answers(bootstrap: str) -> bool:
+    """True when the first server of ``bootstrap`` answers a metadata request
+    that names at least one broker. Does not raise; never takes long."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if not port.isdigit() or not _port_open(host or "127.0.0.1", int(port)):
+        return False
+    return asyncio.run(_metadata_ok(bootstrap))
 
 
 async def _metadata_ok(bootstrap: str) -> bool:
@@ -556,10 +566,12 @@ async def _metadata_ok(bootstrap: str) -> bool:
     return bool(cluster.get("brokers"))
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _port_free(port: int) -> bool:
