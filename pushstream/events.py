@@ -300,7 +300,9 @@ class Notification(_Input):
     mutable_content: bool = False
     priority: Literal["high", "normal"] = "high"
     ttl: Annotated[int, Field(ge=0, le=MAX_TTL_S)] | None = Field(
-        default=None, description="Seconds from acceptance; 0 means now or never."
+        default=None,
+        description="Seconds from publication (the record's Kafka timestamp); "
+        "0 means now or never: sent once, not stored by the provider.",
     )
     expires_at: AwareDatetime | None = None
     collapse_key: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -324,6 +326,8 @@ class Notification(_Input):
     def _coherent(self) -> Notification:
         if self.tokens is not None and self.audience is not None:
             raise ValueError("give tokens or audience, not both")
+        if self.audience is not None and self.user_id is not None:
+            raise ValueError("give audience or user_id, not both")
         if self.ttl is not None and self.expires_at is not None:
             raise ValueError("give ttl or expires_at, not both")
         has_content = any(
@@ -406,19 +410,40 @@ class Delivery(_Output):
     """
 
     notification_id: str
-    send_id: str | None = None
-    user_id: str | None = None
-    device_id: str | None = None
+    send_id: str | None = Field(
+        default=None,
+        description="'<notification id>:<device id>'; absent when the outcome "
+        "concerns the whole notification (expired, dropped).",
+    )
+    user_id: str | None = Field(
+        default=None, description="The user; absent for raw-token notifications."
+    )
+    device_id: str | None = Field(
+        default=None, description="A raw token's device id is 'tok-' + its hash."
+    )
     platform: Platform | None = None
     app: str | None = None
-    outcome: Outcome
+    outcome: Outcome = Field(
+        description="delivered: the provider accepted it. invalid_token: the "
+        "provider says the token is dead. failed: the provider refused it, or "
+        "retries ran out. expired: its expiry passed before it could be sent. "
+        "dropped: nothing to send to (reason no_devices or filtered). rejected: "
+        "pushstream would not send it (payload_too_large, render_failed). "
+        "duplicate: this notification id was already sent to this device."
+    )
     reason: str = Field(description="Why; a provider reason or pushstream's own.")
     status: int | None = Field(default=None, description="Provider HTTP status.")
-    provider_message_id: str | None = None
+    provider_message_id: str | None = Field(
+        default=None, description="apns-id, FCM message name or X-WNS-Msg-ID."
+    )
     attempts: int = Field(default=0, ge=0, description="Requests made to a provider.")
-    accepted_at_ms: int
-    sent_at_ms: int | None = None
-    completed_at_ms: int
+    accepted_at_ms: int = Field(
+        description="When the router accepted the notification."
+    )
+    sent_at_ms: int | None = Field(
+        default=None, description="When the last request to the provider was made."
+    )
+    completed_at_ms: int = Field(description="When this outcome was decided.")
     latency_ms: int = Field(description="completed_at_ms - accepted_at_ms.")
 
 
