@@ -16,6 +16,7 @@ inside the sender agents.
 from __future__ import annotations
 
 import base64
+import functools
 import time
 from typing import Any
 
@@ -34,6 +35,10 @@ DELIVERIES = "deliveries"
 RETRIES = "retries"
 DEAD_LETTERS = "dead-letters"
 SENDS = {"apns": "sends.apns", "fcm": "sends.fcm", "wns": "sends.wns"}
+
+# Names of the tables (their changelogs are "<app id>-<name>-changelog").
+DEVICES_TABLE = "devices"
+ROUTED_TABLE = "routed"
 
 # RocksDB's defaults (64 MiB write buffers, a 2 GiB block cache per partition)
 # are sized for a dedicated database host, not for a worker sharing a node.
@@ -119,6 +124,34 @@ class Pipeline:
             **options,
         )
 
+    @functools.cached_property
+    def devices(self) -> faust.Table[bytes, bytes]:
+        """user id -> UserDevices JSON: written by the registry, read by the router.
+
+        Created on first use, so the registry and the router may attach in
+        either order and share the one table.
+        """
+        return self.table(DEVICES_TABLE)
+
+    @functools.cached_property
+    def routed(self) -> faust.Table[bytes, bytes]:
+        """The router's dedup entries, kept for ``dedup_window_s``.
+
+        Both copies forget old entries: RocksDB's TTL mode drops them at
+        compaction, and the changelog deletes segments past the window
+        besides compacting.
+        """
+        window_ms = str(self.settings.dedup_window_s * 1000)
+        return self.table(
+            ROUTED_TABLE,
+            options={"ttl": self.settings.dedup_window_s},
+            extra_topic_configs={
+                "cleanup.policy": "compact,delete",
+                "retention.ms": window_ms,
+                "segment.ms": window_ms,
+            },
+        )
+
     async def publish(
         self, topic: str, key: str | bytes | None, value: BaseModel
     ) -> Any:
@@ -188,11 +221,17 @@ def kafka_credentials(settings: Settings) -> Any:
         from aiokafka.helpers import create_ssl_context
 
         ssl_context = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            cafile=str(settings.kafka_ssl_cafile)
+            if settings.kafka_ssl_cafile
+            else None,
             certfile=(
-                str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None
+                str(settings.kafka_ssl_certfile)
+                if settings.kafka_ssl_certfile
+                else None
             ),
-            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            keyfile=str(settings.kafka_ssl_keyfile)
+            if settings.kafka_ssl_keyfile
+            else None,
         )
     if protocol == "SSL":
         return faust.SSLCredentials(ssl_context)
