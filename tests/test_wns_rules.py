@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
 from pushstream.events import Notification
 from pushstream.senders import wns
+from pushstream.senders.oauth import TokenError
 from pushstream.senders.result import SendResult, Target
 
 CHANNEL = "https://db3.notify.windows.com/?token=AwYAAAB3secretpart"
@@ -271,3 +273,121 @@ def test_shortened_channel_hides_the_token() -> None:
     assert short == "db3.notify.windows.com/AwYAAAB3…"
     assert "secretpart" not in short
     assert wns.shorten_channel("https://[::1") == "https://…"
+
+
+# --- access tokens and settings ----------------------------------------------------
+
+LIVE = WnsApp(package="Contoso.App", client_id="ms-app://S-1-15-2-1", auth="live")
+ENTRA = WnsApp(
+    package="Contoso.Desk", client_id="0000-app", auth="entra", tenant_id="t/1"
+)
+
+
+def test_live_token_request() -> None:
+    """A UWP app's token request would go to the wrong place or ask the wrong scope."""
+    url, form = wns.token_request(LIVE, "s3cret", Endpoints())
+
+    assert url == "https://login.live.com/accesstoken.srf"
+    assert form == {
+        "grant_type": "client_credentials",
+        "client_id": "ms-app://S-1-15-2-1",
+        "client_secret": "s3cret",
+        "scope": "notify.windows.com",
+    }
+
+
+def test_entra_token_request() -> None:
+    """A Windows App SDK app would ask login.live.com, which cannot serve it."""
+    url, form = wns.token_request(ENTRA, "s3cret", Endpoints())
+
+    assert url == "https://login.microsoftonline.com/t%2F1/oauth2/v2.0/token"
+    assert form["scope"] == "https://wns.windows.com/.default"
+    assert form["client_id"] == "0000-app"
+
+
+@pytest.mark.parametrize("expires_in", [86400, "86399", 3599.5])
+def test_token_answer_with_numeric_or_string_lifetime(expires_in: object) -> None:
+    """Entra's string-typed expires_in would make every token fetch fail."""
+    body = json.dumps({"access_token": "tok", "expires_in": expires_in}).encode()
+
+    token, lifetime = wns.parse_token(200, body)
+
+    assert token == "tok"
+    assert lifetime == float(str(expires_in))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "retriable"),
+    [
+        (400, b'{"error": "invalid_client"}', False),
+        (401, b'{"error": "invalid_client"}', False),
+        (503, b"", True),
+        (200, b"<html>", True),
+        (200, b'{"access_token": "t", "expires_in": "soon"}', True),
+        (200, b'{"access_token": "t", "expires_in": true}', True),
+        (200, b'{"expires_in": 10}', True),
+    ],
+)
+def test_token_failures(status: int, body: bytes, retriable: bool) -> None:
+    """A wrong secret would be retried forever, or an outage called a config error."""
+    with pytest.raises(TokenError) as caught:
+        wns.parse_token(status, body)
+
+    assert caught.value.retriable is retriable
+
+
+def settings_with(*apps: dict[str, object]) -> Settings:
+    return Settings.model_validate({"wns": apps})
+
+
+@pytest.mark.parametrize(
+    ("apps", "setting"),
+    [
+        ([{"package": "A", "client_id": "c"}], "PUSHSTREAM_WNS__0__CLIENT_SECRET"),
+        (
+            [
+                {"package": "A", "client_id": "c", "client_secret": "s"},
+                {
+                    "package": "B",
+                    "client_id": "c",
+                    "auth": "entra",
+                    "client_secret": "s",
+                },
+            ],
+            "PUSHSTREAM_WNS__1__TENANT_ID",
+        ),
+        (
+            [
+                {"package": "A", "client_id": "c", "client_secret": "s"},
+                {"package": "A", "client_id": "d", "client_secret": "s"},
+            ],
+            "PUSHSTREAM_WNS__1__PACKAGE",
+        ),
+    ],
+)
+def test_bad_app_settings_name_the_setting(
+    apps: list[dict[str, object]], setting: str
+) -> None:
+    """A misconfigured app would fail at its first send instead of at start-up."""
+    with pytest.raises(ConfigError, match=setting):
+        wns.WnsClient.from_settings(settings_with(*apps))
+
+
+@pytest.mark.parametrize(
+    ("uri", "trusted"),
+    [
+        ("https://db3.notify.windows.com/?token=AwYAAAB", True),
+        ("https://db3.notify.windows.com:443/?token=AwYAAAB", True),
+        ("https://127.0.0.1:8443/?token=x", True),
+        ("https://127.0.0.1:8444/?token=x", False),
+        ("http://db3.notify.windows.com/?token=x", False),
+        ("https://db3.notify.windows.com.evil.example/?token=x", False),
+        ("https://evil.example\\@db3.notify.windows.com/", False),
+    ],
+)
+def test_channel_url_follows_the_allow_list(uri: str, trusted: bool) -> None:
+    """The app's bearer token would be sent to a host that is not WNS."""
+    settings = Settings.model_validate({"wns_allowed_hosts": ["127.0.0.1:8443"]})
+    client = wns.WnsClient.from_settings(settings)
+
+    assert (client.channel_url(uri) is not None) is trusted

@@ -15,19 +15,41 @@ registry applies when the device registers. It is never logged in full.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import email.utils
 import json
+import logging
+import os
 import re
+import ssl
 import time
-from collections.abc import Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
-from pushstream.events import Notification, WnsOverrides
+import httpx
+
+from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
+from pushstream.events import Notification, Send, WnsOverrides
+from pushstream.senders.allowlist import channel_problem
+from pushstream.senders.oauth import TokenCache, TokenError, parse_token_response
 from pushstream.senders.result import Rendered, ResultOutcome, SendResult, Target
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 5000  # WNS answers 413 above this (PROTOCOLS.md 3.3).
 MAX_REASON_DETAIL = 200
+# HTTP/1.1 carries one request per connection at a time, and channels are
+# spread over many regional hosts: the pool, not a per-host count, bounds it.
+MAX_CONNECTIONS = 100
+LIVE_SCOPE = "notify.windows.com"
+ENTRA_SCOPE = "https://wns.windows.com/.default"
+# Without expires_in, assume the shortest lifetime any OAuth server gives.
+DEFAULT_TOKEN_LIFETIME_S = 3600.0
 
 _CONTENT_TYPES = {
     "toast": "text/xml",
@@ -291,3 +313,338 @@ def shorten_channel(uri: str) -> str:
         return uri[:8] + "…"
     token = dict(parse_qsl(parts.query)).get("token", parts.path.lstrip("/"))
     return f"{host}/{token[:8]}…"
+
+
+# --- access tokens -----------------------------------------------------------------
+
+
+def token_request(
+    app: WnsApp, secret: str, endpoints: Endpoints
+) -> tuple[str, dict[str, str]]:
+    """The token endpoint URL and form of an app's client-credentials grant.
+
+    ``live``: login.live.com, client id = the package SID, scope
+    ``notify.windows.com`` (PROTOCOLS.md 3.1). ``entra``: the tenant's
+    Microsoft Entra ID v2 endpoint, scope ``https://wns.windows.com/.default``
+    (3.2).
+    """
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": app.client_id,
+        "client_secret": secret,
+    }
+    if app.auth == "entra":
+        url = endpoints.wns_entra_token.format(
+            tenant=quote(app.tenant_id or "", safe="")
+        )
+        return url, form | {"scope": ENTRA_SCOPE}
+    return endpoints.wns_live_token, form | {"scope": LIVE_SCOPE}
+
+
+def parse_token(status: int, body: bytes) -> tuple[str, float]:
+    """``(access_token, expires_in_s)`` from either token endpoint.
+
+    login.live.com and Entra v2 give ``expires_in`` as a number; Microsoft's
+    own Entra sample shows it as a string (``"86399"``): both are read.
+    Errors raise :class:`~pushstream.senders.oauth.TokenError` (a refused
+    credential is not retriable).
+    """
+    if status != 200:
+        return parse_token_response(status, body)
+    try:
+        info = json.loads(body)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise TokenError("token endpoint answered 200 without JSON", retriable=True)
+    token = info.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise TokenError("token endpoint gave no access_token", retriable=True)
+    lifetime = info.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
+    if isinstance(lifetime, str) and _DIGITS.fullmatch(lifetime):
+        lifetime = int(lifetime)
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
+        raise TokenError("token endpoint gave a bad expires_in", retriable=True)
+    if lifetime <= 0:
+        raise TokenError("token endpoint gave a bad expires_in", retriable=True)
+    return token, float(lifetime)
+
+
+class WnsTokenSource:
+    """Fetches one app's access token; the shape :class:`TokenCache` calls."""
+
+    def __init__(self, url: str, form: dict[str, str], http: httpx.AsyncClient) -> None:
+        self._url = url
+        self._form = form
+        self._http = http
+
+    def __repr__(self) -> str:
+        return f"WnsTokenSource({self._url!r}, client_id={self._form['client_id']!r})"
+
+    async def __call__(self) -> tuple[str, float]:
+        try:
+            response = await self._http.post(self._url, data=self._form)
+        except httpx.HTTPError as exc:
+            raise TokenError(
+                f"token endpoint unreachable ({type(exc).__name__})", retriable=True
+            ) from exc
+        return parse_token(response.status_code, response.content)
+
+
+# --- the client --------------------------------------------------------------------
+
+# Headers a Send may not set: the client owns authentication and framing.
+_RESERVED = {
+    "authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "expect",
+    "ms-cv",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _AppConfig:
+    app: WnsApp
+    setting: str  # PUSHSTREAM_WNS__<i>: where the app is configured
+
+
+@dataclass(slots=True)
+class _Session:
+    http: httpx.AsyncClient
+    tokens: dict[str, TokenCache]
+
+
+class WnsClient:
+    """Sends :class:`~pushstream.events.Send` values to WNS channels.
+
+    One access token per app (``Send.app`` is the app's ``package``), cached
+    until shortly before it expires. A 401 makes the client fetch a new token
+    and try once more. A channel URI that fails the allow-list is answered
+    ``failed``/``untrusted_channel`` without any request. ``send`` never
+    raises for a provider's answer: no answer becomes ``retry`` with reason
+    ``timeout`` or ``connection_lost``.
+    """
+
+    def __init__(
+        self,
+        apps: Iterable[tuple[WnsApp, str]],
+        *,
+        endpoints: Endpoints | None = None,
+        allowed_hosts: Iterable[str] = (),
+        request_timeout_s: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._apps = {app.package: _AppConfig(app, setting) for app, setting in apps}
+        self._endpoints = endpoints or Endpoints()
+        self._allowed_hosts = tuple(allowed_hosts)
+        self._timeout = request_timeout_s
+        self._max_connections = max_connections
+        self._session: _Session | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WnsClient:
+        """A client for every configured app; ConfigError names a bad setting."""
+        apps = []
+        seen: set[str] = set()
+        for index, app in enumerate(settings.wns):
+            setting = f"PUSHSTREAM_WNS__{index}"
+            if app.package in seen:
+                raise ConfigError(
+                    f"{setting}__PACKAGE: {app.package!r} is configured twice"
+                )
+            if app.client_secret is None and app.client_secret_file is None:
+                raise ConfigError(
+                    f"{setting}__CLIENT_SECRET: app {app.package!r} has no client "
+                    "secret (set client_secret or client_secret_file)"
+                )
+            if app.auth == "entra" and not app.tenant_id:
+                raise ConfigError(
+                    f"{setting}__TENANT_ID: app {app.package!r} uses Entra ID "
+                    "and needs its tenant id"
+                )
+            seen.add(app.package)
+            apps.append((app, setting))
+        return cls(
+            apps,
+            endpoints=settings.endpoints,
+            allowed_hosts=settings.wns_allowed_hosts,
+            request_timeout_s=settings.request_timeout_s,
+            max_connections=min(settings.max_in_flight, MAX_CONNECTIONS),
+        )
+
+    async def __aenter__(self) -> WnsClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Read the secrets and open the connection pool (safe to call twice).
+
+        Raises ConfigError naming the setting of a missing or unreadable
+        secret file, or of an unreadable CA file.
+        """
+        async with self._lock:
+            if self._session is not None:
+                return
+            secrets = await asyncio.to_thread(self._read_secrets)
+            context = await asyncio.to_thread(_ssl_context, self._endpoints.ca_file)
+            _quiet_http_loggers()
+            http = httpx.AsyncClient(
+                verify=context,
+                http1=True,
+                http2=False,
+                follow_redirects=False,
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_connections,
+                ),
+                # Waiting for a free connection is bounded by the caller's own
+                # in-flight limit; each request's own phases are timed.
+                timeout=httpx.Timeout(self._timeout, pool=None),
+            )
+            tokens = {}
+            for package, config in self._apps.items():
+                url, form = token_request(config.app, secrets[package], self._endpoints)
+                source = WnsTokenSource(url, form, http)
+                tokens[package] = TokenCache(source, name=f"wns {package}")
+            self._session = _Session(http, tokens)
+            log.info("WNS client started (%d apps)", len(tokens))
+
+    async def aclose(self) -> None:
+        """Close the pool and stop token refreshes (safe to call twice)."""
+        async with self._lock:
+            session, self._session = self._session, None
+            if session is None:
+                return
+            for cache in session.tokens.values():
+                await cache.aclose()
+            await session.http.aclose()
+            log.info("WNS client closed")
+
+    async def send(self, send: Send) -> SendResult:
+        """POST one notification to its channel and classify the answer."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("WnsClient.send() before start()")
+        tokens = session.tokens.get(send.app)
+        if tokens is None:
+            return SendResult("failed", "unknown_app")
+        url = self.channel_url(send.token)
+        if url is None:
+            log.debug("WNS channel %s is not trusted", shorten_channel(send.token))
+            return SendResult("failed", "untrusted_channel")
+
+        headers = _request_headers(send)
+        body = utf8(send.body)
+        for attempt in (1, 2):
+            try:
+                token = await tokens.get()
+            except TokenError as exc:
+                outcome: ResultOutcome = "retry" if exc.retriable else "failed"
+                return SendResult(outcome, f"access_token: {exc.reason}")
+            headers["Authorization"] = f"Bearer {token}"
+            try:
+                response = await session.http.post(url, content=body, headers=headers)
+            except httpx.TimeoutException:
+                return SendResult("retry", "timeout")
+            except httpx.HTTPError:
+                return SendResult("retry", "connection_lost")
+            if response.status_code != 401 or attempt == 2:
+                break
+            # Expected at least daily: tokens expire (PROTOCOLS.md 3.5).
+            tokens.invalidate(token)
+            log.info("WNS refused the access token of %s; fetching a new one", send.app)
+
+        log.debug(
+            "WNS %s: %d %s (msg %s, cv %s)",
+            shorten_channel(send.token),
+            response.status_code,
+            response.headers.get("x-wns-status", ""),
+            response.headers.get("x-wns-msg-id", ""),
+            headers["MS-CV"],
+        )
+        return classify(response.status_code, response.headers, response.content)
+
+    def channel_url(self, uri: str) -> httpx.URL | None:
+        """The URL to POST to, or None when the channel is not trusted.
+
+        The allow-list reads the URI with the standard library; the URL
+        httpx would connect to must name the same scheme, host and port, so a
+        URI the two parsers read differently is refused.
+        """
+        if channel_problem(uri, self._allowed_hosts) is not None:
+            return None
+        try:
+            url = httpx.URL(uri)
+            parts = urlsplit(uri)
+            read = (url.scheme, url.host, url.port or 443)
+            same = read == (parts.scheme, parts.hostname, parts.port or 443)
+        except (httpx.InvalidURL, ValueError):
+            return None
+        return url if same and url.scheme == "https" else None
+
+    def _read_secrets(self) -> dict[str, str]:
+        return {
+            package: _secret(config.app, config.setting)
+            for package, config in self._apps.items()
+        }
+
+
+def _secret(app: WnsApp, setting: str) -> str:
+    if app.client_secret is not None:
+        secret = app.client_secret.get_secret_value().strip()
+        name = f"{setting}__CLIENT_SECRET"
+    else:
+        path = app.client_secret_file or Path()
+        name = f"{setting}__CLIENT_SECRET_FILE"
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ConfigError(f"{name}: cannot read {path}: {why}") from None
+    if not secret:
+        raise ConfigError(f"{name}: the client secret of {app.package!r} is empty")
+    return secret
+
+
+def _request_headers(send: Send) -> dict[str, str]:
+    headers = {k: v for k, v in send.headers.items() if k.lower() not in _RESERVED}
+    if send.expires_at_ms is not None:
+        # The router computed the TTL when it rendered; a retry goes later.
+        headers = {k: v for k, v in headers.items() if k.lower() != "x-wns-ttl"}
+        headers["X-WNS-TTL"] = str(
+            ttl_seconds(send.expires_at_ms, time.time_ns() // 1_000_000)
+        )
+    headers["MS-CV"] = base64.b64encode(os.urandom(12)).decode() + ".0"
+    return headers
+
+
+def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"PUSHSTREAM_ENDPOINTS__CA_FILE: cannot load {ca_file}: {exc}"
+            ) from None
+    return context
+
+
+def _quiet_http_loggers() -> None:
+    # httpx logs every request's URL at INFO, and a WNS URL is a device token.
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
