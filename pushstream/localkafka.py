@@ -151,7 +151,7 @@ class Status:
 
     def describe(self) -> str:
         if not self.running:
-            return f"stopped (data {self.data_dir})"
+            return f"not running (data {self.data_dir})"
         return (
             f"running: pid {self.pid}, 127.0.0.1:{self.port}, "
             f"Kafka {self.version}, data {self.data_dir}"
