@@ -99,6 +99,7 @@ class Pipeline:
             producer_linger=0.005,
             consumer_auto_offset_reset="earliest",
         )
+        self._tables: dict[str, faust.Table[bytes, bytes]] = {}
         self.topics: dict[str, faust.TopicT] = {}
         for name in (
             REGISTRATIONS,
@@ -115,14 +116,22 @@ class Pipeline:
             )
 
     def table(self, name: str, **options: Any) -> faust.Table[bytes, bytes]:
-        """A RocksDB table with raw bytes keys and values, co-partitioned inputs."""
-        return self.app.Table(
+        """A RocksDB table with raw bytes keys and values, co-partitioned inputs.
+
+        Asking again for a name returns the same table (the options of the
+        first call hold), so the parts that share a table may attach in any
+        order.
+        """
+        if name in self._tables:
+            return self._tables[name]
+        table = self._tables[name] = self.app.Table(
             name,
             schema=RAW,
             partitions=self.settings.partitions,
             options={**ROCKSDB_OPTIONS, **options.pop("options", {})},
             **options,
         )
+        return table
 
     @functools.cached_property
     def devices(self) -> faust.Table[bytes, bytes]:
