@@ -49,9 +49,16 @@ ROCKSDB_OPTIONS: dict[str, Any] = {
 }
 
 
-RAW = faust.Schema(
-    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-)
+def raw_schema() -> faust.Schema[bytes, bytes]:
+    """Raw bytes keys and values; the agents decode and validate them.
+
+    A new schema for every topic and table: Faust updates a schema in place
+    when a topic or table adopts it, so a shared one would take the JSON
+    serializers a table derives from its types.
+    """
+    return faust.Schema(
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
 
 def now_ms() -> int:
@@ -112,7 +119,7 @@ class Pipeline:
             *SENDS.values(),
         ):
             self.topics[name] = self.app.topic(
-                settings.topic(name), schema=RAW, internal=False
+                settings.topic(name), schema=raw_schema(), internal=False
             )
 
     def table(self, name: str, **options: Any) -> faust.Table[bytes, bytes]:
@@ -126,7 +133,9 @@ class Pipeline:
             return self._tables[name]
         table = self._tables[name] = self.app.Table(
             name,
-            schema=RAW,
+            schema=raw_schema(),
+            key_type=bytes,
+            value_type=bytes,
             partitions=self.settings.partitions,
             options={**ROCKSDB_OPTIONS, **options.pop("options", {})},
             **options,
