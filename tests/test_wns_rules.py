@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
 from pushstream.events import Notification
-from pushstream.senders import wns
+from pushstream.senders import wns, wns_auth
 from pushstream.senders.oauth import TokenError
 from pushstream.senders.result import SendResult, Target
 
@@ -285,7 +285,7 @@ ENTRA = WnsApp(
 
 def test_live_token_request() -> None:
     """A UWP app's token request would go to the wrong place or ask the wrong scope."""
-    url, form = wns.token_request(LIVE, "s3cret", Endpoints())
+    url, form = wns_auth.token_request(LIVE, "s3cret", Endpoints())
 
     assert url == "https://login.live.com/accesstoken.srf"
     assert form == {
@@ -298,7 +298,7 @@ def test_live_token_request() -> None:
 
 def test_entra_token_request() -> None:
     """A Windows App SDK app would ask login.live.com, which cannot serve it."""
-    url, form = wns.token_request(ENTRA, "s3cret", Endpoints())
+    url, form = wns_auth.token_request(ENTRA, "s3cret", Endpoints())
 
     assert url == "https://login.microsoftonline.com/t%2F1/oauth2/v2.0/token"
     assert form["scope"] == "https://wns.windows.com/.default"
@@ -310,7 +310,7 @@ def test_token_answer_with_numeric_or_string_lifetime(expires_in: object) -> Non
     """Entra's string-typed expires_in would make every token fetch fail."""
     body = json.dumps({"access_token": "tok", "expires_in": expires_in}).encode()
 
-    token, lifetime = wns.parse_token(200, body)
+    token, lifetime = wns_auth.parse_token(200, body)
 
     assert token == "tok"
     assert lifetime == float(str(expires_in))
@@ -331,7 +331,7 @@ def test_token_answer_with_numeric_or_string_lifetime(expires_in: object) -> Non
 def test_token_failures(status: int, body: bytes, retriable: bool) -> None:
     """A wrong secret would be retried forever, or an outage called a config error."""
     with pytest.raises(TokenError) as caught:
-        wns.parse_token(status, body)
+        wns_auth.parse_token(status, body)
 
     assert caught.value.retriable is retriable
 

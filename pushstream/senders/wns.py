@@ -1,5 +1,5 @@
-"""Windows Push Notification Services (WNS): rendering, the answer table,
-access tokens and the client.
+"""Windows Push Notification Services (WNS): rendering, the answer table and
+the client (access tokens: :mod:`pushstream.senders.wns_auth`).
 
 WNS takes one HTTP/1.1 POST per notification to the device's *channel URI*
 (PROTOCOLS.md 3.3): no chunked bodies, no pipelining, no
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import httpx
@@ -36,8 +36,9 @@ import httpx
 from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
 from pushstream.events import Notification, Send, WnsOverrides
 from pushstream.senders.allowlist import channel_problem
-from pushstream.senders.oauth import TokenCache, TokenError, parse_token_response
+from pushstream.senders.oauth import TokenCache, TokenError
 from pushstream.senders.result import Rendered, ResultOutcome, SendResult, Target
+from pushstream.senders.wns_auth import WnsTokenSource, client_secret, token_request
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ MAX_REASON_DETAIL = 200
 # HTTP/1.1 carries one request per connection at a time, and channels are
 # spread over many regional hosts: the pool, not a per-host count, bounds it.
 MAX_CONNECTIONS = 100
-LIVE_SCOPE = "notify.windows.com"
-ENTRA_SCOPE = "https://wns.windows.com/.default"
-# Without expires_in, assume the shortest lifetime any OAuth server gives.
-DEFAULT_TOKEN_LIFETIME_S = 3600.0
 
 _CONTENT_TYPES = {
     "toast": "text/xml",
@@ -315,86 +312,11 @@ def shorten_channel(uri: str) -> str:
     return f"{host}/{token[:8]}…"
 
 
-# --- access tokens -----------------------------------------------------------------
-
-
-def token_request(
-    app: WnsApp, secret: str, endpoints: Endpoints
-) -> tuple[str, dict[str, str]]:
-    """The token endpoint URL and form of an app's client-credentials grant.
-
-    ``live``: login.live.com, client id = the package SID, scope
-    ``notify.windows.com`` (PROTOCOLS.md 3.1). ``entra``: the tenant's
-    Microsoft Entra ID v2 endpoint, scope ``https://wns.windows.com/.default``
-    (3.2).
-    """
-    form = {
-        "grant_type": "client_credentials",
-        "client_id": app.client_id,
-        "client_secret": secret,
-    }
-    if app.auth == "entra":
-        url = endpoints.wns_entra_token.format(
-            tenant=quote(app.tenant_id or "", safe="")
-        )
-        return url, form | {"scope": ENTRA_SCOPE}
-    return endpoints.wns_live_token, form | {"scope": LIVE_SCOPE}
-
-
-def parse_token(status: int, body: bytes) -> tuple[str, float]:
-    """``(access_token, expires_in_s)`` from either token endpoint.
-
-    login.live.com and Entra v2 give ``expires_in`` as a number; Microsoft's
-    own Entra sample shows it as a string (``"86399"``): both are read.
-    Errors raise :class:`~pushstream.senders.oauth.TokenError` (a refused
-    credential is not retriable).
-    """
-    if status != 200:
-        return parse_token_response(status, body)
-    try:
-        info = json.loads(body)
-    except ValueError:
-        info = None
-    if not isinstance(info, dict):
-        raise TokenError("token endpoint answered 200 without JSON", retriable=True)
-    token = info.get("access_token")
-    if not isinstance(token, str) or not token:
-        raise TokenError("token endpoint gave no access_token", retriable=True)
-    lifetime = info.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
-    if isinstance(lifetime, str) and _DIGITS.fullmatch(lifetime):
-        lifetime = int(lifetime)
-    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
-        raise TokenError("token endpoint gave a bad expires_in", retriable=True)
-    if lifetime <= 0:
-        raise TokenError("token endpoint gave a bad expires_in", retriable=True)
-    return token, float(lifetime)
-
-
-class WnsTokenSource:
-    """Fetches one app's access token; the shape :class:`TokenCache` calls."""
-
-    def __init__(self, url: str, form: dict[str, str], http: httpx.AsyncClient) -> None:
-        self._url = url
-        self._form = form
-        self._http = http
-
-    def __repr__(self) -> str:
-        return f"WnsTokenSource({self._url!r}, client_id={self._form['client_id']!r})"
-
-    async def __call__(self) -> tuple[str, float]:
-        try:
-            response = await self._http.post(self._url, data=self._form)
-        except httpx.HTTPError as exc:
-            raise TokenError(
-                f"token endpoint unreachable ({type(exc).__name__})", retriable=True
-            ) from exc
-        return parse_token(response.status_code, response.content)
-
-
 # --- the client --------------------------------------------------------------------
 
 # Headers a Send may not set: the client owns authentication and framing.
 _RESERVED = {
+    "x-wns-ttl",
     "authorization",
     "host",
     "content-length",
@@ -564,7 +486,9 @@ class WnsClient:
                 break
             # Expected at least daily: tokens expire (PROTOCOLS.md 3.5).
             tokens.invalidate(token)
-            log.info("WNS refused the access token of %s; fetching a new one", send.app)
+            log.debug(
+                "WNS refused the access token of %s; fetching a new one", send.app
+            )
 
         log.debug(
             "WNS %s: %d %s (msg %s, cv %s)",
@@ -592,40 +516,21 @@ class WnsClient:
             same = read == (parts.scheme, parts.hostname, parts.port or 443)
         except (httpx.InvalidURL, ValueError):
             return None
-        return url if same and url.scheme == "https" else None
+        return url if same else None
 
     def _read_secrets(self) -> dict[str, str]:
         return {
-            package: _secret(config.app, config.setting)
+            package: client_secret(config.app, config.setting)
             for package, config in self._apps.items()
         }
-
-
-def _secret(app: WnsApp, setting: str) -> str:
-    if app.client_secret is not None:
-        secret = app.client_secret.get_secret_value().strip()
-        name = f"{setting}__CLIENT_SECRET"
-    else:
-        path = app.client_secret_file or Path()
-        name = f"{setting}__CLIENT_SECRET_FILE"
-        try:
-            secret = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ConfigError(f"{name}: cannot read {path}: {why}") from None
-    if not secret:
-        raise ConfigError(f"{name}: the client secret of {app.package!r} is empty")
-    return secret
 
 
 def _request_headers(send: Send) -> dict[str, str]:
     headers = {k: v for k, v in send.headers.items() if k.lower() not in _RESERVED}
     if send.expires_at_ms is not None:
-        # The router computed the TTL when it rendered; a retry goes later.
-        headers = {k: v for k, v in headers.items() if k.lower() != "x-wns-ttl"}
-        headers["X-WNS-TTL"] = str(
-            ttl_seconds(send.expires_at_ms, time.time_ns() // 1_000_000)
-        )
+        # The router rendered the TTL for its own moment; a retry goes later.
+        now_ms = time.time_ns() // 1_000_000
+        headers["X-WNS-TTL"] = str(ttl_seconds(send.expires_at_ms, now_ms))
     headers["MS-CV"] = base64.b64encode(os.urandom(12)).decode() + ".0"
     return headers
 
