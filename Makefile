@@ -59,8 +59,8 @@ broker: venv
 broker-down: venv
 	$(PUSHSTREAM) kafka down
 
-# Starts a broker only if none runs for this data folder, and stops that one
-# again however the run ends; the exit code is pytest's (or the first failure's).
+# Starts a broker only if none answers on the port, and stops the broker it
+# started however the run ends; the exit code is pytest's (or the first failure's).
 test: venv lint
 	@if ! $(PUSHSTREAM) kafka status; then \
 		trap '$(PUSHSTREAM) kafka down' EXIT; \

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from pushstream import __version__, localkafka, topics
+from pushstream import __version__, localkafka, topics, worker
 from pushstream.config import ConfigError, Settings, load_settings
 
 
@@ -94,6 +94,11 @@ def kafka_up(local: localkafka.LocalKafka, timeout: float) -> None:
         click.echo(
             f"Kafka {local.version} started on {local.bootstrap} in "
             f"{started.seconds:.1f}s{how}: pid {started.status.pid}"
+        )
+    elif started.foreign:
+        click.echo(
+            f"a Kafka broker already answers on {local.bootstrap} (not the one of "
+            f"{local.data_dir}); using it"
         )
     else:
         click.echo(f"Kafka already {started.status.describe()}")
@@ -237,6 +242,10 @@ def topics_schemas(write: bool, folder: Path | None) -> None:
         )
         sys.exit(1)
     click.echo(f"{len(topics.TOPICS)} topic schemas in {folder} match the models")
+
+
+cli.add_command(worker.worker_command)
+cli.add_command(worker.devices_command)
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ TOOL_HEAP = "-Xms64m -Xmx256m"  # StorageTool needs far less than a broker
 DEFAULT_START_TIMEOUT_S = 90.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
 MIN_JAVA = 17
+PORT_RELEASE_S = 3.0
 
 ENV_PORT = "PUSHSTREAM_KAFKA_PORT"
 ENV_DATA = "PUSHSTREAM_KAFKA_DATA"
@@ -160,12 +161,15 @@ class Status:
 
 @dataclass(frozen=True)
 class Started:
-    """What :func:`up` did: ``started`` is False when a broker already ran."""
+    """What :func:`up` did: ``started`` is False when a broker already ran;
+    ``foreign`` when that broker answers on the port but belongs to another
+    data folder (it is used, and left alone)."""
 
     status: Status
     started: bool
     seconds: float
     resolved_jars: bool = False
+    foreign: bool = False
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -389,8 +393,10 @@ def up(kafka: LocalKafka, timeout: float = DEFAULT_START_TIMEOUT_S) -> Started:
     """Start the broker and return once it answers a metadata request.
 
     A broker already running for this data folder is left alone (and waited
-    for, in case it is still starting). Raises LocalKafkaError with the tail of
-    the broker's log when it exits or does not answer within ``timeout``.
+    for, in case it is still starting); so is another Kafka broker that
+    already answers on the port (``Started.foreign``). Raises LocalKafkaError
+    with the tail of the broker's log when it exits or does not answer within
+    ``timeout``.
     """
     began = time.monotonic()
     kafka.data_dir.mkdir(parents=True, exist_ok=True)
@@ -405,13 +411,17 @@ def up(kafka: LocalKafka, timeout: float = DEFAULT_START_TIMEOUT_S) -> Started:
             _wait_ready(kafka, current.pid, began + timeout)
             return Started(current, started=False, seconds=time.monotonic() - began)
 
-        resolved = ensure_jars(kafka)
-        _check_java()
-        if not _port_free(kafka.port):
+        if not _port_free(kafka.port) and broker_answers(kafka.bootstrap):
+            # Another checkout's broker, say: usable, but not ours to manage.
+            other = Status(running=True, port=kafka.port)
+            return Started(other, False, time.monotonic() - began, foreign=True)
+        if not _wait_port_free(kafka.port, PORT_RELEASE_S):
             raise LocalKafkaError(
                 f"127.0.0.1:{kafka.port} is in use by another program; choose "
                 f"another port with --port or {ENV_PORT}"
             )
+        resolved = ensure_jars(kafka)
+        _check_java()
         controller_port = kafka.controller_port or _free_port()
         _write_config(kafka, controller_port)
         if not (kafka.log_dirs / "meta.properties").is_file():
@@ -583,6 +593,16 @@ def _port_free(port: int) -> bool:
             sock.bind(("127.0.0.1", port))
         except OSError:
             return False
+    return True
+
+
+def _wait_port_free(port: int, seconds: float) -> bool:
+    """A JVM killed a moment ago may still hold its sockets while it exits."""
+    deadline = time.monotonic() + seconds
+    while not _port_free(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 

@@ -78,12 +78,25 @@ def test_up_refuses_a_port_another_program_holds(tmp_path: Path) -> None:
     """`kafka up` would start a JVM that dies on bind, with a confusing error."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
-        holder.listen()
         port = holder.getsockname()[1]
         local = localkafka.LocalKafka.from_env(port=port, data_dir=tmp_path / "k")
 
         with pytest.raises(localkafka.LocalKafkaError, match=f"{port} is in use"):
             localkafka.up(local)
+
+
+def test_up_uses_a_broker_that_already_answers_on_the_port(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    """A second checkout's `make test` would fail while the dev broker runs."""
+    port = int(kafka.bootstrap.rpartition(":")[2])
+    local = localkafka.LocalKafka.from_env(port=port, data_dir=tmp_path / "k")
+
+    started = localkafka.up(local)
+
+    assert (started.started, started.foreign) == (False, True)
+    assert not localkafka.status(local).running
+    assert not localkafka.down(local).running
 
 
 def test_status_reports_the_running_broker(kafka: Kafka) -> None:
