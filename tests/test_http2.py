@@ -1,0 +1,481 @@
+"""The HTTP/2 client against the sandbox server, over real TLS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from pushstream.sandbox.certs import SandboxCerts, ensure_certs
+from pushstream.sandbox.server import (
+    ConnectionContext,
+    Handler,
+    Request,
+    Response,
+    SandboxServer,
+)
+from pushstream.senders.http2 import (
+    ConnectError,
+    ConnectionLost,
+    H2Connection,
+    H2Options,
+    H2Pool,
+    RequestTimeout,
+    TransportError,
+)
+
+GUARD = 10.0  # seconds: only to turn a hang into a failure
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> SandboxCerts:
+    return ensure_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def client_context(certs: SandboxCerts) -> ssl.SSLContext:
+    return certs.client_ssl_context()
+
+
+class Recorder:
+    """A handler that tracks concurrency and lets a test hold requests."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self.seen: list[Request] = []
+        self.cancelled = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.arrived = asyncio.Condition()
+
+    async def __call__(self, req: Request) -> Response:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.seen.append(req)
+        async with self.arrived:
+            self.arrived.notify_all()
+        try:
+            if req.path.startswith("/hold"):
+                await self.gate.wait()
+            elif req.path == "/never":
+                await asyncio.Event().wait()
+            elif req.path == "/slow":
+                await asyncio.sleep(0.05)
+            return Response(200, [("X-Path", req.path)], req.body)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def wait_for(self, count: int) -> None:
+        async with self.arrived:
+            await self.arrived.wait_for(lambda: self.active >= count)
+
+    @property
+    def conn(self) -> ConnectionContext:
+        return self.seen[-1].conn
+
+
+Serve = Callable[..., Awaitable[SandboxServer]]
+
+
+@pytest.fixture
+async def serve(certs: SandboxCerts) -> AsyncIterator[Serve]:
+    """Start sandbox servers for a test and stop them after it."""
+    servers: list[SandboxServer] = []
+
+    async def start(handler: Handler, initial_max_streams: int = 1000) -> SandboxServer:
+        ctx = certs.server_ssl_context()
+        server = SandboxServer(
+            "127.0.0.1", 0, ctx, handler, initial_max_streams=initial_max_streams
+        )
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.aclose()
+
+
+async def connect(server: SandboxServer, context: ssl.SSLContext) -> H2Connection:
+    return await H2Connection.connect(
+        "127.0.0.1", server.port, context, server_hostname="localhost"
+    )
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(GUARD):
+        # Polls client counters, which have no event to wait on.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def test_round_trip(serve: Serve, client_context: ssl.SSLContext) -> None:
+    """A request and its response cross intact: nothing could be sent at all."""
+    handler = Recorder()
+    server = await serve(handler)
+    async with H2Pool(
+        "127.0.0.1", server.port, client_context, server_hostname="localhost"
+    ) as pool:
+        headers = {"Content-Type": "application/json", "apns-topic": "com.example"}
+        response = await pool.request("POST", "/3/device/ab", headers, b'{"a":1}')
+    assert response.status == 200
+    assert response.headers["x-path"] == "/3/device/ab"
+    assert response.body == b'{"a":1}'
+    seen = handler.seen[0]
+    assert (seen.method, seen.http_version) == ("POST", "2")
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.authority == f"localhost:{server.port}"
+
+
+async def test_many_requests_respect_stream_limit(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """200 concurrent sends on one connection all succeed without ever opening
+    more streams than the server allows: otherwise a burst gets refused."""
+    handler = Recorder()
+    server = await serve(handler, initial_max_streams=100)
+    conn = await connect(server, client_context)
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(
+            *(conn.request("POST", "/slow", {}, b"%d" % i) for i in range(200))
+        )
+    assert [r.body for r in results] == [b"%d" % i for i in range(200)]
+    assert 1 < handler.peak <= 100
+    assert conn.in_flight == 0
+    await conn.aclose()
+
+
+async def test_lowered_stream_limit_mid_flight_does_not_hang(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """When the server drops MAX_CONCURRENT_STREAMS to 1 with requests in flight
+    (APNs after a rejected push), all of them still complete, later ones go one
+    at a time, and raising the limit restores concurrency. A failure here is
+    the httpx hang: sends stall forever after the first rejected push."""
+    handler = Recorder()
+    handler.gate.clear()
+    server = await serve(handler, initial_max_streams=100)
+    conn = await connect(server, client_context)
+
+    held = [asyncio.create_task(conn.request("POST", "/hold")) for _ in range(3)]
+    await asyncio.wait_for(handler.wait_for(3), GUARD)
+    handler.conn.set_max_concurrent_streams(1)
+    await until(lambda: conn.max_concurrent_streams == 1)
+
+    later = [asyncio.create_task(conn.request("POST", "/later")) for _ in range(3)]
+    await until(lambda: conn.waiting == 3)
+    assert len(handler.seen) == 3  # none of the later ones was sent
+
+    handler.peak = 0
+    handler.gate.set()
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(*held, *later)
+    assert [r.status for r in results] == [200] * 6
+    assert handler.peak == 1  # the later ones went one at a time
+
+    handler.conn.set_max_concurrent_streams(100)
+    await until(lambda: conn.max_concurrent_streams == 100)
+    handler.peak = 0
+    async with asyncio.timeout(GUARD):
+        await asyncio.gather(*(conn.request("GET", "/slow") for _ in range(20)))
+    assert handler.peak > 1
+    await conn.aclose()
+
+
+async def test_apns_style_reject_then_accept(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """The scenario of the httpx reproduction: the first of several in-flight
+    pushes is rejected and the limit drops to 1, the next accepted one raises
+    it again. Every push gets its answer instead of hanging."""
+    in_flight = 0
+    all_in = asyncio.Event()
+    state = {"rejected": False}
+
+    async def apns(req: Request) -> Response:
+        nonlocal in_flight
+        in_flight += 1
+        if in_flight >= 3:
+            all_in.set()
+        await all_in.wait()
+        if not state["rejected"]:
+            state["rejected"] = True
+            req.conn.set_max_concurrent_streams(1)
+            return Response(400, body=json.dumps({"reason": "BadDeviceToken"}).encode())
+        await asyncio.sleep(0.01)
+        req.conn.set_max_concurrent_streams(1000)
+        return Response(200, {"apns-id": "00000000-0000-0000-0000-000000000001"})
+
+    server = await serve(apns, initial_max_streams=1000)
+    conn = await connect(server, client_context)
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(
+            *(conn.request("POST", "/3/device/" + "ab" * 32) for _ in range(5))
+        )
+    assert sorted(r.status for r in results) == [200, 200, 200, 200, 400]
+    assert conn.max_concurrent_streams == 1000
+    await conn.aclose()
+
+
+async def test_goaway_fails_only_unprocessed_streams(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """After a GOAWAY, streams the server kept are answered, the others fail
+    with a retryable ConnectionLost carrying the server's reason, and the pool
+    reconnects: otherwise pushes are lost or sends stop after an APNs GOAWAY."""
+    handler = Recorder()
+    handler.gate.clear()
+    server = await serve(handler)
+    async with H2Pool(
+        "127.0.0.1", server.port, client_context, server_hostname="localhost"
+    ) as pool:
+        tasks = [asyncio.create_task(pool.request("POST", "/hold")) for _ in range(4)]
+        await asyncio.wait_for(handler.wait_for(4), GUARD)
+        ids = sorted(req.stream_id or 0 for req in handler.seen)
+        handler.conn.send_goaway(0, '{"reason":"Shutdown"}', last_stream_id=ids[1])
+        await until(lambda: pool.stats().open_connections == 0)
+        handler.gate.set()
+        async with asyncio.timeout(GUARD):
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, ConnectionLost)]
+        assert len(answered) == 2
+        assert len(lost) == 2
+        assert all(r.status == 200 for r in answered)
+        for error in lost:
+            assert error.retryable
+            assert error.goaway is not None
+            assert error.goaway.last_stream_id == ids[1]
+            assert "Shutdown" in error.goaway.debug_data
+            assert "Shutdown" in str(error)
+
+        response = await pool.request("POST", "/after", {}, b"x", timeout=GUARD)
+        assert response.status == 200
+        assert pool.stats().open_connections == 1
+
+
+async def test_server_killed_mid_flight(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """Requests in flight when the server dies fail at once with ConnectionLost
+    instead of waiting for their timeout (sends would stall for the timeout)."""
+    handler = Recorder()
+    server = await serve(handler)
+    conn = await connect(server, client_context)
+    tasks = [
+        asyncio.create_task(conn.request("POST", "/never", timeout=60))
+        for _ in range(3)
+    ]
+    await asyncio.wait_for(handler.wait_for(3), GUARD)
+    await server.aclose()
+    async with asyncio.timeout(GUARD):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ConnectionLost) for r in results), results
+    assert not conn.is_usable
+
+
+async def test_request_timeout_resets_stream_and_keeps_connection(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A request the server never answers raises RequestTimeout and frees its
+    stream while other requests on the connection go on: otherwise one stuck
+    push blocks a slot or hangs its sender forever."""
+    handler = Recorder()
+    server = await serve(handler, initial_max_streams=1)
+    conn = await connect(server, client_context)
+    with pytest.raises(RequestTimeout):
+        async with asyncio.timeout(GUARD):
+            await conn.request("POST", "/never", timeout=0.3)
+    await until(lambda: handler.cancelled == 1)  # the server saw RST_STREAM
+    response = await conn.request("POST", "/ok", {}, b"still here", timeout=GUARD)
+    assert response.body == b"still here"
+    assert conn.in_flight == 0
+    assert conn.is_usable
+    await conn.aclose()
+
+
+async def test_large_bodies_both_ways(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """Bodies far beyond the 64 KiB initial flow-control window go out and come
+    back whole: otherwise large payloads stall until timeout."""
+
+    async def digest(req: Request) -> Response:
+        body = hashlib.sha256(req.body).hexdigest().encode()
+        return Response(200, body=body * 100_000)  # 6.4 MB
+
+    server = await serve(digest)
+    conn = await connect(server, client_context)
+    payload = bytes(range(256)) * 12_000  # 3 MB
+    async with asyncio.timeout(GUARD * 3):
+        response = await conn.request("POST", "/big", {}, payload, timeout=GUARD * 3)
+    expected = hashlib.sha256(payload).hexdigest().encode()
+    assert response.body == expected * 100_000
+    await conn.aclose()
+
+
+class FreezableProxy:
+    """A TCP relay that can stop passing bytes, like a silently dead peer."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+        self.writers += [writer, up_writer]
+        self.tasks += [
+            asyncio.create_task(self._pump(reader, up_writer)),
+            asyncio.create_task(self._pump(up_reader, writer)),
+        ]
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while data := await reader.read(65536):
+            await self.flowing.wait()
+            writer.write(data)
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_ping_detects_dead_peer(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A peer that silently stops answering is declared dead by the PING
+    keep-alive and its request fails with ConnectionLost long before the
+    request timeout: otherwise sends wait on a dead connection."""
+    server = await serve(Recorder())
+    proxy = FreezableProxy(server.port)
+    port = await proxy.start()
+    conn = await H2Connection.connect(
+        "127.0.0.1",
+        port,
+        client_context,
+        server_hostname="localhost",
+        options=H2Options(ping_interval=0.2, ping_timeout=0.5),
+    )
+    try:
+        assert (await conn.request("GET", "/", timeout=GUARD)).status == 200
+        proxy.flowing.clear()
+        with pytest.raises(ConnectionLost, match="PING"):
+            async with asyncio.timeout(GUARD):
+                await conn.request("GET", "/", timeout=60)
+        assert not conn.is_usable
+    finally:
+        await conn.aclose()
+        await proxy.aclose()
+
+
+async def test_pool_spreads_over_connections(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """When one connection's streams are all busy the pool opens another, up to
+    max_connections: otherwise throughput stays capped at one connection."""
+    handler = Recorder()
+    handler.gate.clear()
+    server = await serve(handler, initial_max_streams=5)
+    options = H2Options(max_connections=2)
+    async with H2Pool(
+        "127.0.0.1", server.port, client_context, options=options
+    ) as pool:
+        tasks = [asyncio.create_task(pool.request("GET", "/hold")) for _ in range(10)]
+        await asyncio.wait_for(handler.wait_for(10), GUARD)
+        stats = pool.stats()
+        assert stats.open_connections == 2
+        assert stats.in_flight == 10
+        assert stats.max_concurrent_streams == (5, 5)
+        assert len({id(req.conn) for req in handler.seen}) == 2
+        handler.gate.set()
+        async with asyncio.timeout(GUARD):
+            await asyncio.gather(*tasks)
+        assert pool.stats().in_flight == 0
+
+
+async def test_pool_reset_opens_a_fresh_connection(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """After reset() the next request runs on a new connection (APNs binds a
+    token connection to its first key id): otherwise a key change keeps failing."""
+    handler = Recorder()
+    server = await serve(handler)
+    async with H2Pool("127.0.0.1", server.port, client_context) as pool:
+        await pool.request("GET", "/one", timeout=GUARD)
+        pool.reset()
+        await pool.request("GET", "/two", timeout=GUARD)
+    assert handler.seen[0].conn is not handler.seen[1].conn
+
+
+async def test_pool_backs_off_when_server_is_down(
+    client_context: ssl.SSLContext,
+) -> None:
+    """Against a server that refuses TLS, requests fail with ConnectError and,
+    after one retry, without new connection attempts: otherwise an outage
+    turns into a connection storm."""
+    attempts = 0
+
+    async def refuse(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    listener = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    options = H2Options(reconnect_backoff=30, reconnect_backoff_max=60)
+    try:
+        async with H2Pool("127.0.0.1", port, client_context, options=options) as pool:
+            for _ in range(20):
+                with pytest.raises(ConnectError):
+                    await pool.request("GET", "/", timeout=GUARD)
+    finally:
+        listener.close()
+    assert attempts == 2  # one immediate retry, then the backoff holds
+
+
+async def test_connect_requires_h2_alpn(
+    serve: Serve, certs: SandboxCerts, client_context: ssl.SSLContext
+) -> None:
+    """A server that does not agree to HTTP/2 is reported as a ConnectError that
+    names ALPN, instead of hanging or failing later with an obscure error."""
+    handler = Recorder()
+    ctx = certs.server_ssl_context(alpn=["http/1.1"])
+    server = SandboxServer("127.0.0.1", 0, ctx, handler, protocols=["http/1.1"])
+    async with server:
+        with pytest.raises(ConnectError, match="ALPN"):
+            await connect(server, certs.client_ssl_context(alpn=["h2", "http/1.1"]))
+
+
+def test_errors_share_one_base() -> None:
+    """Callers can catch every no-answer case with TransportError alone."""
+    for error in (ConnectError, ConnectionLost, RequestTimeout):
+        assert issubclass(error, TransportError)

@@ -1,0 +1,238 @@
+"""The sandbox TLS server and its run-time certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from pushstream.sandbox.certs import SandboxCerts, ensure_certs
+from pushstream.sandbox.server import Request, Response, SandboxServer
+from pushstream.senders.http2 import ConnectError, H2Connection, H2Options
+
+GUARD = 10.0  # seconds: only to turn a hang into a failure
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> SandboxCerts:
+    folder = tmp_path_factory.mktemp("certs")
+    return ensure_certs(folder, dns_names=["*.notify.windows.com"])
+
+
+async def echo(req: Request) -> Response:
+    seen = req.conn.state.setdefault("requests", 0) + 1
+    req.conn.state["requests"] = seen
+    headers = [
+        ("x-method", req.method),
+        ("x-path", req.path),
+        ("x-version", req.http_version),
+        ("x-seen-on-connection", str(seen)),
+        ("x-duplicates", str(len(req.raw_headers) - len(req.headers))),
+    ]
+    return Response(201, headers, req.body)
+
+
+async def http11_exchange(port: int, context: ssl.SSLContext, raw: bytes) -> bytes:
+    """Send raw HTTP/1.1 bytes and read until the server closes or goes quiet."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    writer.write(raw)
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 0.5)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks)
+
+
+async def test_h2_request_reaches_handler(certs: SandboxCerts) -> None:
+    """Method, path, body and repeated headers reach the handler over HTTP/2
+    (a stand-in that misreads requests would accept what a provider rejects)."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo
+    ) as server:
+        conn = await H2Connection.connect(
+            "127.0.0.1", server.port, certs.client_ssl_context()
+        )
+        headers = [("apns-id", "a"), ("apns-id", "b"), ("apns-topic", "t")]
+        response = await conn.request("POST", "/3/device/ff", headers, b"{}")
+        await conn.aclose()
+    assert response.status == 201
+    assert response.body == b"{}"
+    assert response.headers["x-method"] == "POST"
+    assert response.headers["x-path"] == "/3/device/ff"
+    assert response.headers["x-version"] == "2"
+    assert response.headers["x-duplicates"] == "1"
+
+
+async def test_http11_keep_alive(certs: SandboxCerts) -> None:
+    """Two HTTP/1.1 requests share one connection and its state (WNS clients
+    keep connections alive; per-connection state would otherwise reset)."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo
+    ) as server:
+        request = (
+            b"POST /?token=abc HTTP/1.1\r\nHost: db3.notify.windows.com\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        data = await http11_exchange(
+            server.port, certs.client_ssl_context(alpn=["http/1.1"]), request * 2
+        )
+    responses = data.split(b"HTTP/1.1 201 Created\r\n")
+    assert len(responses) == 3, data
+    assert b"x-version: 1.1" in responses[1]
+    assert b"x-seen-on-connection: 1" in responses[1]
+    assert b"x-seen-on-connection: 2" in responses[2]
+    assert responses[2].endswith(b"hello")
+
+
+async def test_http11_rejects_chunked_body(certs: SandboxCerts) -> None:
+    """A chunked request body gets 400 as WNS answers it, instead of being
+    accepted by the stand-in and failing only against the real service."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo
+    ) as server:
+        request = (
+            b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        data = await http11_exchange(
+            server.port, certs.client_ssl_context(alpn=["http/1.1"]), request
+        )
+    assert data.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_h2_only_server_refuses_http11(certs: SandboxCerts) -> None:
+    """A stand-in limited to HTTP/2 (APNs) drops an HTTP/1.1 client, as the real
+    service refuses it at connect time."""
+    context = certs.server_ssl_context(alpn=["h2"])
+    async with SandboxServer("127.0.0.1", 0, context, echo, protocols=["h2"]) as server:
+        data = await http11_exchange(
+            server.port,
+            certs.client_ssl_context(alpn=["http/1.1"]),
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        )
+    assert data == b""
+
+
+async def test_slow_handlers_run_concurrently(certs: SandboxCerts) -> None:
+    """Ten requests whose handlers wait for each other all complete: one slow
+    stream must not hold up the others on an HTTP/2 connection."""
+    barrier = asyncio.Barrier(10)
+
+    async def together(req: Request) -> Response:
+        await barrier.wait()
+        return Response(200)
+
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), together
+    ) as server:
+        conn = await H2Connection.connect(
+            "127.0.0.1", server.port, certs.client_ssl_context()
+        )
+        async with asyncio.timeout(GUARD):
+            results = await asyncio.gather(
+                *(conn.request("GET", "/") for _ in range(10))
+            )
+        await conn.aclose()
+    assert [r.status for r in results] == [200] * 10
+
+
+async def test_handler_error_becomes_500(certs: SandboxCerts) -> None:
+    """A stand-in bug answers 500 instead of leaving the client hanging."""
+
+    async def broken(req: Request) -> Response:
+        raise RuntimeError("bug")
+
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), broken
+    ) as server:
+        conn = await H2Connection.connect(
+            "127.0.0.1", server.port, certs.client_ssl_context()
+        )
+        response = await conn.request("GET", "/", timeout=GUARD)
+        await conn.aclose()
+    assert response.status == 500
+
+
+async def test_initial_stream_limit_is_advertised(certs: SandboxCerts) -> None:
+    """A server configured with one stream advertises it, as APNs does on a new
+    token connection; a client would otherwise assume a wrong limit."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo, initial_max_streams=1
+    ) as server:
+        conn = await H2Connection.connect(
+            "127.0.0.1", server.port, certs.client_ssl_context()
+        )
+        assert conn.max_concurrent_streams == 1
+        await conn.aclose()
+
+
+async def test_client_certificate_required(certs: SandboxCerts) -> None:
+    """A server that requires client certificates refuses a client without one
+    and shows the handler the one it got (APNs certificate auth)."""
+    seen: list[bytes | None] = []
+
+    async def who(req: Request) -> Response:
+        seen.append(req.conn.peer_certificate)
+        return Response(200)
+
+    client = certs.issue_client_certificate(
+        "apns-client",
+        common_name="Apple Push Services: com.example",
+        user_id="com.example",
+    )
+    context = certs.server_ssl_context(client_auth="required")
+    options = H2Options(connect_timeout=GUARD)
+    async with SandboxServer("127.0.0.1", 0, context, who) as server:
+        with pytest.raises(ConnectError):
+            await H2Connection.connect(
+                "127.0.0.1", server.port, certs.client_ssl_context(), options=options
+            )
+        conn = await H2Connection.connect(
+            "127.0.0.1",
+            server.port,
+            certs.client_ssl_context(client_cert=client),
+            options=options,
+        )
+        assert (await conn.request("GET", "/", timeout=GUARD)).status == 200
+        await conn.aclose()
+    assert seen[0] is not None
+    subject = x509.load_der_x509_certificate(seen[0]).subject
+    assert subject.get_attributes_for_oid(NameOID.USER_ID)[0].value == "com.example"
+
+
+def test_certs_are_reused_and_keys_private(tmp_path: Path) -> None:
+    """Certificates are made once and reused, keys are 0600, and asking for a
+    new host name remakes them: otherwise every run would re-trust a new CA,
+    or a stand-in host would fail TLS."""
+    first = ensure_certs(tmp_path)
+    ca_pem = first.ca_cert.read_bytes()
+    assert ensure_certs(tmp_path).ca_cert.read_bytes() == ca_pem
+    for key in (first.ca_key, first.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    ensure_certs(tmp_path, dns_names=["*.notify.windows.com"])
+    leaf = x509.load_pem_x509_certificate(first.server_cert.read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert "*.notify.windows.com" in san.value.get_values_for_type(x509.DNSName)
+    assert "localhost" in san.value.get_values_for_type(x509.DNSName)
+
+
+def test_broken_cert_files_are_replaced(tmp_path: Path) -> None:
+    """A truncated certificate file is replaced, not served (TLS would fail)."""
+    certs = ensure_certs(tmp_path)
+    certs.server_cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    ensure_certs(tmp_path)
+    x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
