@@ -98,6 +98,13 @@ def test_raw_uses_octet_stream_and_the_given_body() -> None:
     assert r.body == "ping"
 
 
+def test_a_raw_body_makes_a_raw_notification() -> None:
+    """A raw body given for Windows would be dropped in favour of a toast."""
+    r = wns.render(note(title="t", wns={"raw": "ping"}), TARGET, NOW_MS, None)
+
+    assert (r.headers["X-WNS-Type"], r.body) == ("wns/raw", "ping")
+
+
 def test_data_only_notification_becomes_raw_json() -> None:
     """A silent data push would show an empty toast on Windows."""
     r = wns.render(note(data={"k": "v"}, badge=3), TARGET, NOW_MS, None)

@@ -82,12 +82,13 @@ def render(
 ) -> Rendered:
     """Build the WNS headers (without Authorization) and body for one channel.
 
-    The type is ``n.wns.type`` when given; otherwise a toast when there is
-    text to show (title, subtitle or body) and a raw notification when there
-    is none (a data-only push). A toast, tile or badge is built from the
-    unified content unless ``n.wns.xml`` is given; a raw body is ``n.wns.raw``
-    or, without it, the content as compact JSON. ``X-WNS-TTL`` is the time
-    left until ``expires_at_ms``. ``too_large`` is set above 5000 bytes.
+    The type is ``n.wns.type`` when given; otherwise a toast for ``n.wns.xml``
+    or text to show (title, subtitle or body), and a raw notification for
+    ``n.wns.raw`` or when there is no text (a data-only push). A toast, tile
+    or badge is built from the unified content unless ``n.wns.xml`` is given;
+    a raw body is ``n.wns.raw`` or, without it, the content as compact JSON.
+    ``X-WNS-TTL`` is the time left until ``expires_at_ms``. ``too_large`` is
+    set above 5000 bytes.
     """
     wns = n.wns or WnsOverrides()
     kind = _kind(n, wns)
@@ -129,7 +130,9 @@ def utf8(body: str) -> bytes:
 def _kind(n: Notification, wns: WnsOverrides) -> str:
     if "type" in wns.model_fields_set:
         return wns.type
-    if wns.xml is not None or n.title or n.subtitle or n.body:
+    if wns.xml is not None:
+        return "toast"
+    if wns.raw is None and (n.title or n.subtitle or n.body):
         return "toast"
     return "raw"
 
