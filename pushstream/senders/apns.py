@@ -18,15 +18,34 @@ from APNs").
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
+import ssl
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
-from pushstream.events import Notification
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pushstream.config import ApnsApp, ConfigError, Endpoints, Settings
+from pushstream.events import APNS_TOKEN_RE, Environment, Notification, Send
+from pushstream.senders import http2
+from pushstream.senders.apns_auth import (
+    Clock,
+    ProviderToken,
+    certificate_topics,
+    load_client_certificate,
+    load_signing_key,
+    setting_name,
+)
 from pushstream.senders.result import Rendered, ResultOutcome, SendResult, Target
+
+log = logging.getLogger(__name__)
 
 PAYLOAD_LIMIT = 4096
 VOIP_PAYLOAD_LIMIT = 5120
@@ -345,3 +364,348 @@ def _timestamp_ms(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return int(value) if value > 0 else None
+
+
+# --- the client -------------------------------------------------------------------
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+"""Seconds from sending a request (or queueing for a stream) to its answer."""
+DEFAULT_CONNECTIONS = 2
+"""HTTP/2 connections per credential and host."""
+
+# Answers after which the connection itself is suspect: the next requests go
+# to a fresh one (Apple: reconnect after IdleTimeout and Shutdown; a key id
+# differing from the connection's first needs its own connection).
+_RECONNECT_REASONS = frozenset({"IdleTimeout", "Shutdown", "UnrelatedKeyIdInToken"})
+
+
+@dataclass(slots=True)
+class _Credential:
+    """One way of authenticating, shared by every app that uses it."""
+
+    name: str
+    context: ssl.SSLContext
+    tokens: ProviderToken | None = None
+
+
+class ApnsClient:
+    """Sends rendered APNs requests, authenticated, over pooled HTTP/2.
+
+    One connection pool per credential (a (team, key) for token auth, a
+    certificate file for certificate auth) and per APNs host; a send's
+    ``environment`` picks the production or development host. Every app of a
+    credential shares its pools and its provider token.
+
+    :meth:`send` never raises for an answer: it returns a
+    :class:`SendResult`. When no answer comes it returns ``retry`` with
+    reason ``timeout``, ``connection_lost``, ``connect_failed`` or
+    ``protocol_error``; a request cut off by a GOAWAY or a lost connection
+    is first sent once more on another connection. ExpiredProviderToken is
+    answered by renewing the token (at most once per 20 minutes) and sending
+    once more. In-flight requests per connection follow the server's live
+    MAX_CONCURRENT_STREAMS (see :mod:`pushstream.senders.http2`).
+    """
+
+    def __init__(
+        self,
+        apps: Sequence[ApnsApp],
+        endpoints: Endpoints | None = None,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connections: int = DEFAULT_CONNECTIONS,
+        h2_options: http2.H2Options | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self._app_settings = tuple(apps)
+        self._endpoints = endpoints or Endpoints()
+        self._timeout = request_timeout
+        self._h2_options = h2_options or http2.H2Options(max_connections=connections)
+        self._clock = clock
+        self._apps: dict[str, _Credential] = {}
+        self._hosts: dict[str, tuple[str, int]] = {}
+        self._pools: dict[tuple[str, str], http2.H2Pool] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApnsClient:
+        """A client for every APNs app in ``settings`` (not started yet)."""
+        return cls(
+            settings.apns,
+            settings.endpoints,
+            request_timeout=settings.request_timeout_s,
+            connections=settings.connections_per_host,
+        )
+
+    async def __aenter__(self) -> ApnsClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def provider_tokens(self) -> dict[tuple[str, str], ProviderToken]:
+        """The provider token of each (team id, key id) in use."""
+        return {
+            (c.tokens.team_id, c.tokens.key_id): c.tokens
+            for c in self._apps.values()
+            if c.tokens is not None
+        }
+
+    def stats(self) -> dict[str, http2.PoolStats]:
+        """Each open pool's numbers, named "<credential> @ <host:port>"."""
+        return {
+            f"{credential} @ {pool.host}:{pool.port}": pool.stats()
+            for (credential, _), pool in self._pools.items()
+        }
+
+    async def start(self) -> None:
+        """Read and check every credential; raises ConfigError naming the
+        setting. Connections open on first use. Safe to call twice."""
+        if self._started:
+            return
+        self._apps, self._hosts = await asyncio.to_thread(self._load)
+        self._started = True
+        log.info(
+            "APNs client ready: %d app(s), %d credential(s)",
+            len(self._apps),
+            len({id(c) for c in self._apps.values()}),
+        )
+
+    async def aclose(self) -> None:
+        """Close every connection; in-flight sends end as retries. Idempotent."""
+        self._closed = True
+        pools, self._pools = list(self._pools.values()), {}
+        await asyncio.gather(*(pool.aclose() for pool in pools))
+
+    async def send(self, send: Send) -> SendResult:
+        """Send one rendered request and classify APNs' answer."""
+        if not self._started or self._closed:
+            raise RuntimeError("ApnsClient.send() needs start() and no aclose()")
+        credential = self._apps.get(send.app)
+        if credential is None:
+            return SendResult("failed", "no APNs credentials for this app")
+        if not APNS_TOKEN_RE.match(send.token):
+            return SendResult("invalid_token", "malformed_token")
+
+        pool = self._pool(credential, send.environment)
+        path = "/3/device/" + send.token
+        body = send.body.encode()
+        headers = {k.lower(): v for k, v in send.headers.items()}
+        headers.pop("authorization", None)
+        resent = renewed = False
+        while True:
+            bearer = credential.tokens.current() if credential.tokens else None
+            if bearer is not None:
+                headers["authorization"] = "bearer " + bearer
+            try:
+                response = await pool.request(
+                    "POST", path, headers, body, self._timeout
+                )
+            except http2.RequestTimeout:
+                return SendResult("retry", "timeout")
+            except http2.ConnectError:
+                return SendResult("retry", "connect_failed")
+            except http2.ConnectionLost:
+                if not resent:
+                    resent = True
+                    continue
+                return SendResult("retry", "connection_lost")
+            except http2.ProtocolError as exc:
+                if exc.retryable and not resent:
+                    resent = True
+                    continue
+                return SendResult("retry", "protocol_error")
+
+            result = classify(response.status, response.headers, response.body)
+            if (
+                result.reason == "ExpiredProviderToken"
+                and credential.tokens is not None
+                and bearer is not None
+                and not renewed
+            ):
+                renewed = True
+                if credential.tokens.renew_after_expired(bearer):
+                    continue
+            self._after(credential, pool, send, result)
+            return result
+
+    def _after(
+        self,
+        credential: _Credential,
+        pool: http2.H2Pool,
+        send: Send,
+        result: SendResult,
+    ) -> None:
+        log.debug(
+            "APNs %s for %s… (%s): %s",
+            result.outcome,
+            send.token[:8],
+            send.app,
+            result.reason,
+        )
+        if result.reason in _RECONNECT_REASONS:
+            pool.reset()
+        known = REASONS.get(result.reason)
+        alarming = (known is not None and known.meaning == _CONFIG) or (
+            known is None and result.reason != DELIVERED
+        )
+        if result.reason == "TooManyProviderTokenUpdates":
+            alarming = True
+        key = (send.app, result.reason)
+        if alarming and key not in self._warned:
+            self._warned.add(key)
+            meaning = known.meaning if known else "a reason not in Apple's table"
+            log.warning(
+                "APNs answers %s %s for app %s (%s): %s",
+                result.status,
+                result.reason,
+                send.app,
+                credential.name,
+                meaning,
+            )
+
+    def _pool(self, credential: _Credential, environment: Environment) -> http2.H2Pool:
+        pool = self._pools.get((credential.name, environment))
+        if pool is None:
+            host, port = self._hosts[environment]
+            pool = http2.H2Pool(
+                host,
+                port,
+                credential.context,
+                server_hostname=host,
+                options=self._h2_options,
+            )
+            self._pools[(credential.name, environment)] = pool
+        return pool
+
+    # -- loading (blocking; runs in a thread) ----------------------------------------
+
+    def _load(self) -> tuple[dict[str, _Credential], dict[str, tuple[str, int]]]:
+        endpoints = self._endpoints
+        hosts = {
+            "production": _host(endpoints.apns_production, "apns_production"),
+            "development": _host(endpoints.apns_development, "apns_development"),
+        }
+        cafile = None
+        if endpoints.ca_file is not None:
+            if not endpoints.ca_file.is_file():
+                raise ConfigError(
+                    f"PUSHSTREAM_ENDPOINTS__CA_FILE: no such file: {endpoints.ca_file}"
+                )
+            cafile = str(endpoints.ca_file)
+
+        apps: dict[str, _Credential] = {}
+        credentials: dict[tuple[str, ...], _Credential] = {}
+        keys: dict[tuple[str, str], ec.EllipticCurvePublicNumbers] = {}
+        for index, app in enumerate(self._app_settings):
+            if app.bundle_id in apps:
+                raise ConfigError(
+                    f"{setting_name(index, 'bundle_id')}: {app.bundle_id} is listed "
+                    "twice"
+                )
+            if app.auth == "token":
+                apps[app.bundle_id] = self._token_credential(
+                    app, index, cafile, credentials, keys
+                )
+            else:
+                apps[app.bundle_id] = self._cert_credential(
+                    app, index, cafile, credentials
+                )
+        _warn_shared_teams(credentials.values())
+        return apps, hosts
+
+    def _token_credential(
+        self,
+        app: ApnsApp,
+        index: int,
+        cafile: str | None,
+        credentials: dict[tuple[str, ...], _Credential],
+        keys: dict[tuple[str, str], ec.EllipticCurvePublicNumbers],
+    ) -> _Credential:
+        key = load_signing_key(app, index)
+        # load_signing_key refuses an app without both ids.
+        assert app.team_id is not None
+        assert app.key_id is not None
+        ids = (app.team_id, app.key_id)
+        numbers = key.public_key().public_numbers()
+        if keys.setdefault(ids, numbers) != numbers:
+            raise ConfigError(
+                f"{setting_name(index, 'key_id')}: key {app.key_id} of team "
+                f"{app.team_id} is configured with two different keys"
+            )
+        credential = credentials.get(("token", *ids))
+        if credential is None:
+            credential = _Credential(
+                name=f"team {app.team_id} key {app.key_id}",
+                context=_context(cafile),
+                tokens=ProviderToken(app.team_id, app.key_id, key, self._clock),
+            )
+            credentials[("token", *ids)] = credential
+        return credential
+
+    def _cert_credential(
+        self,
+        app: ApnsApp,
+        index: int,
+        cafile: str | None,
+        credentials: dict[tuple[str, ...], _Credential],
+    ) -> _Credential:
+        path = app.cert_file.resolve() if app.cert_file else None
+        credential = credentials.get(("certificate", str(path)))
+        if credential is None:
+            context = _context(cafile)
+            cert = load_client_certificate(context, app, index)
+            topics = certificate_topics(cert)
+            if topics and app.bundle_id not in topics:
+                log.warning(
+                    "the APNs certificate of %s is issued for %s",
+                    app.bundle_id,
+                    ", ".join(topics),
+                )
+            credential = _Credential(
+                name=f"certificate {path.name if path else '?'}", context=context
+            )
+            credentials[("certificate", str(path))] = credential
+        return credential
+
+
+def _context(cafile: str | None) -> ssl.SSLContext:
+    try:
+        return http2.client_ssl_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"PUSHSTREAM_ENDPOINTS__CA_FILE: cannot load {cafile}: {exc}"
+        ) from None
+
+
+def _host(url: str, field: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            f"PUSHSTREAM_ENDPOINTS__{field.upper()}: APNs needs an https:// URL, "
+            f"not {url!r}"
+        )
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise ConfigError(f"PUSHSTREAM_ENDPOINTS__{field.upper()}: bad port") from None
+    return parts.hostname, port
+
+
+def _warn_shared_teams(credentials: Iterable[_Credential]) -> None:
+    teams: dict[str, int] = {}
+    for credential in credentials:
+        if credential.tokens is not None:
+            team = credential.tokens.team_id
+            teams[team] = teams.get(team, 0) + 1
+    for team, count in teams.items():
+        if count > 1:
+            log.warning(
+                "%d APNs keys of team %s are in use; Apple counts token updates "
+                "per team, so they may draw TooManyProviderTokenUpdates",
+                count,
+                team,
+            )
