@@ -338,6 +338,7 @@ class Notification(_Input):
                 self.body_loc_key,
                 self.data,
                 self.content_available,
+                self.badge is not None,
                 self.apns and self.apns.payload,
                 self.wns and (self.wns.xml or self.wns.raw),
                 self.fcm and (self.fcm.android or self.fcm.apns or self.fcm.webpush),
@@ -345,7 +346,7 @@ class Notification(_Input):
         )
         if not has_content:
             raise ValueError(
-                "a notification needs content: title, body, data, "
+                "a notification needs content: title, body, data, badge, "
                 "content_available, or a platform override"
             )
         return self
