@@ -1,0 +1,196 @@
+"""APNs sends per second: ApnsClient against the APNs sandbox, and h2load beside it.
+
+The sandbox (:class:`~pushstream.sandbox.apns.ApnsSandbox`, every check on,
+records off) runs in its own process; each client process runs one
+:class:`~pushstream.senders.apns.ApnsClient` with its own event loop. Then
+h2load (Debian's ``nghttp2-client``) sends the same request, with a valid
+provider token, to the same endpoint, which shows how much of the figure is
+the sandbox's own ceiling. Usage::
+
+    python bench/apns_bench.py [--sends 5000] [--clients 1] [--concurrency 200]
+        [--connections 1] [--h2load-clients 1] [--no-h2load]
+
+Both figures count requests answered 200. Loopback, no network latency:
+this measures the CPU cost per send, not what Apple allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pushstream.config import ApnsApp, Endpoints
+from pushstream.events import Notification, Send
+from pushstream.sandbox.apns import ApnsSandbox
+from pushstream.sandbox.certs import ensure_certs
+from pushstream.senders import apns
+from pushstream.senders.apns_auth import ProviderToken, load_signing_key
+from pushstream.senders.result import Target
+
+TOKEN = "ab" * 32
+
+
+def serve(folder: str, queue: Any) -> None:
+    """The sandbox process: serve APNs, hand the port and settings back."""
+
+    async def run() -> None:
+        certs = ensure_certs(folder)
+        # Token rules stay on, but a run crossing a 25-minute token boundary
+        # should not fail on TooManyProviderTokenUpdates.
+        sandbox = ApnsSandbox(certs=certs, record=False, token_update_window_s=0)
+        server = sandbox.server()
+        await server.start()
+        values = sandbox.make_credentials(Path(folder) / "creds")
+        queue.put((server.port, values["PUSHSTREAM_APNS"]))
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def request(app: str) -> Send:
+    n = Notification(id="bench", title="Benchmark", body="x" * 100)
+    rendered = apns.render(n, Target("apns", TOKEN, app, "d"), 0, None)
+    return Send(
+        send_id="bench:d",
+        notification_id="bench",
+        device_id="d",
+        platform="apns",
+        app=app,
+        token=TOKEN,
+        accepted_at_ms=0,
+        headers=rendered.headers,
+        body=rendered.body,
+    )
+
+
+def send_many(
+    port: int, apps_json: str, folder: str, args: argparse.Namespace, out: Any
+) -> None:
+    """One client process: ``args.sends`` sends, ``args.concurrency`` at a time."""
+
+    async def run() -> None:
+        apps = [ApnsApp(**app) for app in json.loads(apps_json)]
+        url = f"https://127.0.0.1:{port}"
+        endpoints = Endpoints(
+            apns_production=url,
+            apns_development=url,
+            ca_file=Path(folder) / "ca.pem",
+        )
+        send = request(apps[0].bundle_id)
+        outcomes: dict[str, int] = {}
+        async with apns.ApnsClient(
+            apps, endpoints, connections=args.connections
+        ) as client:
+            await client.send(send)  # connect and authenticate first
+            remaining = args.sends
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    result = await client.send(send)
+                    outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            elapsed = time.perf_counter() - started
+        out.put((elapsed, outcomes))
+
+    asyncio.run(run())
+
+
+def h2load(port: int, apps_json: str, args: argparse.Namespace) -> str:
+    """Run h2load with the same request and a valid provider token."""
+    app = ApnsApp(**json.loads(apps_json)[0])
+    key = load_signing_key(app, 0)
+    assert app.team_id is not None
+    assert app.key_id is not None
+    jwt = ProviderToken(app.team_id, app.key_id, key).current()
+    send = request(app.bundle_id)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body:
+        body.write(send.body)
+    command = [
+        "h2load",
+        f"-n{args.sends * args.clients}",
+        f"-c{args.h2load_clients}",
+        f"-m{args.concurrency}",
+        f"-d{body.name}",
+        "-H",
+        f"authorization: bearer {jwt}",
+        *(arg for k, v in send.headers.items() for arg in ("-H", f"{k}: {v}")),
+        f"https://127.0.0.1:{port}/3/device/{TOKEN}",
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finally:
+        Path(body.name).unlink()
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx", done.stdout)
+    if not rate or not codes:
+        return f"h2load failed:\n{done.stdout}\n{done.stderr}"
+    return (
+        f"h2load: {float(rate.group(1)):,.0f} requests/s "
+        f"({codes.group(1)} answered 2xx, {codes.group(3)} 4xx; "
+        f"{args.h2load_clients} connection(s), {args.concurrency} streams each)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sends", type=int, default=5000, help="per client process")
+    parser.add_argument("--clients", type=int, default=1, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--h2load-clients", type=int, default=1)
+    parser.add_argument("--no-h2load", action="store_true")
+    args = parser.parse_args()
+    folder = str(Path(tempfile.gettempdir()) / "pushstream-apns-bench")
+    ensure_certs(folder)
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    sandbox = ctx.Process(target=serve, args=(folder, ready), daemon=True)
+    sandbox.start()
+    try:
+        port, apps_json = ready.get(timeout=60)
+        results = ctx.Queue()
+        clients = [
+            ctx.Process(target=send_many, args=(port, apps_json, folder, args, results))
+            for _ in range(args.clients)
+        ]
+        for client in clients:
+            client.start()
+        runs = [results.get(timeout=600) for _ in clients]
+        for client in clients:
+            client.join()
+        total: dict[str, int] = {}
+        for _, outcomes in runs:
+            for outcome, count in outcomes.items():
+                total[outcome] = total.get(outcome, 0) + count
+        slowest = max(elapsed for elapsed, _ in runs)
+        delivered = total.get("delivered", 0)
+        print(
+            f"ApnsClient: {delivered / slowest:,.0f} sends/s "
+            f"({args.clients} process(es) x {args.sends} sends, outcomes {total}; "
+            f"{args.connections} connection(s), {args.concurrency} in flight each)"
+        )
+        if not args.no_h2load:
+            if shutil.which("h2load") is None:
+                print("h2load: not installed (apt-get install nghttp2-client)")
+            else:
+                print(h2load(port, apps_json, args))
+    finally:
+        sandbox.terminate()
+
+
+if __name__ == "__main__":
+    main()
