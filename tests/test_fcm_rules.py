@@ -446,6 +446,15 @@ def test_plain_401_asks_for_a_new_access_token() -> None:
     result = classify(401, {}, body)
     assert result.reason == fcm.UNAUTHENTICATED
     assert result.outcome == "retry"
+    assert fcm.refused_access_token(result)
+
+    info = {"@type": fcm.ERROR_INFO, "reason": "ACCESS_TOKEN_EXPIRED"}
+    expired = classify(401, {}, error_body(401, "UNAUTHENTICATED", "x", extra=[info]))
+    assert expired.reason == "UNAUTHENTICATED ACCESS_TOKEN_EXPIRED"
+    assert fcm.refused_access_token(expired)
+
+    apns = error_body(401, "UNAUTHENTICATED", "x", fcm_code="THIRD_PARTY_AUTH_ERROR")
+    assert not fcm.refused_access_token(classify(401, {}, apns))
 
 
 @pytest.mark.parametrize(

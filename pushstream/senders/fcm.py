@@ -680,7 +680,7 @@ class FcmClient:
                 return SendResult("retry", "connection_lost")
 
             result = classify(response.status, response.headers, response.body)
-            if result.reason == UNAUTHENTICATED and attempt == 1:
+            if attempt == 1 and refused_access_token(result):
                 project.tokens.invalidate(access_token)
                 continue
             log.debug(
@@ -688,6 +688,11 @@ class FcmClient:
             )
             return result
         raise AssertionError("unreachable")  # the loop always returns
+
+
+def refused_access_token(result: SendResult) -> bool:
+    """True when FCM refused the access token itself (not APNs credentials)."""
+    return result.status == 401 and result.reason.split(" ", 1)[0] == UNAUTHENTICATED
 
 
 def _short(token: str) -> str:
