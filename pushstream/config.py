@@ -48,8 +48,11 @@ class ApnsApp(_Frozen):
     """Credentials for one iOS/macOS app (one bundle id).
 
     Token auth: ``key_file`` (or ``key``, the .p8 PEM text), ``key_id``,
-    ``team_id``. Certificate auth: ``cert_file`` holding a PEM certificate
-    and key, or a PKCS#12 bundle with ``cert_password``.
+    ``team_id`` (Apple's 10-character ids); apps of one (team, key) share one
+    provider token and its connections. Certificate auth: ``cert_file``
+    holding a PEM certificate and key (the key optionally encrypted with
+    ``cert_password``), or a PKCS#12 bundle with ``cert_password``. The APNs
+    client checks all of it when it starts.
     """
 
     bundle_id: str

@@ -673,3 +673,15 @@ async def test_logs_hold_no_token_and_no_jwt(
     for token in tokens:
         assert token not in text
     assert "eyJ" not in text  # every JWT starts with this
+
+
+async def test_unknown_app_and_malformed_token_make_no_request(env: Apns) -> None:
+    """A send for an app without credentials fails, and one whose token could
+    break the request path invalidates the token, both without calling APNs."""
+    client = await env.client(env.apps())
+    unknown = await client.send(make_send(device_token(), "com.unknown.app"))
+    assert (unknown.outcome, unknown.reason) == ("failed", "not_configured")
+    broken = make_send(device_token()).model_copy(update={"token": "ab/../x?y"})
+    result = await client.send(broken)
+    assert (result.outcome, result.reason) == ("invalid_token", "malformed_token")
+    assert sum(env.sandbox.stats.values()) == 0

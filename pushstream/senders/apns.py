@@ -372,6 +372,9 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 """Seconds from sending a request (or queueing for a stream) to its answer."""
 DEFAULT_CONNECTIONS = 2
 """HTTP/2 connections per credential and host."""
+NOT_CONFIGURED = "not_configured"
+"""The reason of a send for an app without APNs credentials (as the runner's)."""
+MALFORMED_TOKEN = "malformed_token"
 
 # Answers after which the connection itself is suspect: the next requests go
 # to a fresh one (Apple: reconnect after IdleTimeout and Shutdown; a key id
@@ -486,9 +489,9 @@ class ApnsClient:
             raise RuntimeError("ApnsClient.send() needs start() and no aclose()")
         credential = self._apps.get(send.app)
         if credential is None:
-            return SendResult("failed", "no APNs credentials for this app")
+            return SendResult("failed", NOT_CONFIGURED)
         if not APNS_TOKEN_RE.match(send.token):
-            return SendResult("invalid_token", "malformed_token")
+            return SendResult("invalid_token", MALFORMED_TOKEN)
 
         pool = self._pool(credential, send.environment)
         path = "/3/device/" + send.token
