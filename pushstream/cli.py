@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from pushstream import __version__, localkafka, topics
+from pushstream import __version__, localkafka, topics, worker
 from pushstream.config import ConfigError, Settings, load_settings
 
 
@@ -242,6 +242,10 @@ def topics_schemas(write: bool, folder: Path | None) -> None:
         )
         sys.exit(1)
     click.echo(f"{len(topics.TOPICS)} topic schemas in {folder} match the models")
+
+
+cli.add_command(worker.worker_command)
+cli.add_command(worker.devices_command)
 
 
 def main() -> None:
