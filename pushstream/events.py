@@ -259,12 +259,10 @@ class WnsOverrides(_Input):
     type: Literal["toast", "tile", "badge", "raw"] = "toast"
     xml: str | None = Field(default=None, description="Body for toast/tile/badge.")
     raw: str | None = Field(default=None, description="Body for wns/raw.")
-    tag: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None = (
+    tag: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None = None
+    group: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None = (
         None
     )
-    group: (
-        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,16}$")] | None
-    ) = None
     cache_policy: Literal["cache", "no-cache"] | None = None
     request_for_status: bool = False
 
@@ -371,7 +369,9 @@ class Send(_Output):
     environment: Environment = "production"
     token: str
     attempt: int = Field(default=1, ge=1, description="The attempt about to be made.")
-    accepted_at_ms: int = Field(description="When the router accepted the notification.")
+    accepted_at_ms: int = Field(
+        description="When the router accepted the notification."
+    )
     expires_at_ms: int | None = Field(
         default=None, description="Not sent after this; None: no expiry."
     )
