@@ -467,18 +467,40 @@ def test_credentials_problems_name_the_setting(tmp_path: Path) -> None:
     missing = Settings(
         fcm=(FcmProject(project_id="p", service_account_file=tmp_path / "no.json"),)
     )
-    with pytest.raises(ConfigError, match=r"PUSHSTREAM_FCM\[0\].*service_account_file"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^PUSHSTREAM_FCM\[0\]\.service_account_file \(project 'p'\): ",
+    ):
         FcmClient.from_settings(missing)
     neither = Settings(fcm=(FcmProject(project_id="p"),))
-    with pytest.raises(ConfigError, match=r"PUSHSTREAM_FCM\[0\] \(project 'p'\)"):
+    with pytest.raises(ConfigError, match=r"^PUSHSTREAM_FCM\[0\] \(project 'p'\)"):
         FcmClient.from_settings(neither)
     bad_json = Settings(
         fcm=(FcmProject(project_id="p", service_account_json=SecretStr("{}")),)
     )
     with pytest.raises(ConfigError, match="service_account_json"):
         FcmClient.from_settings(bad_json)
+    both = Settings(
+        fcm=(
+            FcmProject(
+                project_id="p",
+                service_account_file=tmp_path / "sa.json",
+                service_account_json=SecretStr("{}"),
+            ),
+        )
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        FcmClient.from_settings(both)
     with pytest.raises(ConfigError, match="PUSHSTREAM_FCM"):
         FcmClient.from_settings(Settings())
+
+
+async def test_unreadable_ca_file_names_the_setting(env: Env, tmp_path: Path) -> None:
+    """A wrong CA path would surface as TLS errors on every send."""
+    client = env.client(ca_file=tmp_path / "missing-ca.pem")
+    with pytest.raises(ConfigError, match=r"^PUSHSTREAM_ENDPOINTS__CA_FILE: "):
+        await client.start()
+    await client.aclose()
 
 
 def test_sandbox_keeps_its_keys_across_restarts(key_folder: Path) -> None:

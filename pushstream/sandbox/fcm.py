@@ -256,7 +256,8 @@ class FcmSandbox:
 
     ``base_url`` (``https://host:port``, set once the server listens) is what
     :meth:`make_credentials` points service accounts and settings at.
-    ``clock`` gives epoch seconds, for assertions and token lifetimes.
+    ``clock`` gives epoch seconds, for assertions and token lifetimes;
+    ``record=False`` keeps ``accepted`` empty (for load tests).
     """
 
     def __init__(
@@ -268,6 +269,7 @@ class FcmSandbox:
         retry_after_s: int = 1,
         slow_s: float = 30.0,
         hang_s: float = 3600.0,
+        record: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url
@@ -276,6 +278,7 @@ class FcmSandbox:
         self.retry_after_s = retry_after_s
         self.slow_s = slow_s
         self.hang_s = hang_s
+        self.record = record
         self.outage = False
         self.outage_mode: Literal["503", "hang"] = "503"
         self.accepted: list[dict[str, Any]] = []
@@ -506,7 +509,8 @@ class FcmSandbox:
             f"projects/{project}/messages/0:{int(self._clock() * 1e6)}"
             f"%{self._message_ids:016x}"
         )
-        self._record(req, project, message, name)
+        if self.record:
+            self._record(req, project, message, name)
         return _json(200, {"name": name})
 
     def _authorize(self, req: Request, project: str) -> None:

@@ -517,20 +517,27 @@ class FcmCredentials:
     @classmethod
     def from_settings(cls, project: FcmProject, index: int = 0) -> FcmCredentials:
         """Load the project's key; ConfigError naming the setting when it won't do."""
-        name = f"PUSHSTREAM_FCM[{index}] (project {project.project_id!r})"
+        prefix = f"PUSHSTREAM_FCM[{index}]"
+        which = f"(project {project.project_id!r})"
+        given = (project.service_account_file, project.service_account_json)
+        if None not in given:
+            raise ConfigError(
+                f"{prefix} {which}: set service_account_file or "
+                "service_account_json, not both"
+            )
         if project.service_account_file is not None:
-            setting = f"{name}.service_account_file"
             account = ServiceAccount.from_file(
-                project.service_account_file, setting=setting
+                project.service_account_file,
+                setting=f"{prefix}.service_account_file {which}",
             )
         elif project.service_account_json is not None:
-            setting = f"{name}.service_account_json"
             account = ServiceAccount.from_json(
-                project.service_account_json.get_secret_value(), setting=setting
+                project.service_account_json.get_secret_value(),
+                setting=f"{prefix}.service_account_json {which}",
             )
         else:
             raise ConfigError(
-                f"{name}: set service_account_file or service_account_json"
+                f"{prefix} {which}: set service_account_file or service_account_json"
             )
         return cls(project.project_id, account, project.rate_per_minute)
 
@@ -614,11 +621,16 @@ class FcmClient:
         if self._pool is not None:
             return
         cafile = str(self._ca_file) if self._ca_file else None
-        # Loading a trust store reads files: keep it off the event loop.
-        h2_context = await asyncio.to_thread(client_ssl_context, cafile)
-        http_context = await asyncio.to_thread(
-            ssl.create_default_context, cafile=cafile
-        )
+        try:
+            # Loading a trust store reads files: keep it off the event loop.
+            h2_context = await asyncio.to_thread(client_ssl_context, cafile)
+            http_context = await asyncio.to_thread(
+                ssl.create_default_context, cafile=cafile
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"PUSHSTREAM_ENDPOINTS__CA_FILE: cannot load {cafile}: {exc}"
+            ) from None
         self._http = httpx.AsyncClient(verify=http_context, timeout=self._timeout)
         for project_id, credentials in self._credentials.items():
             source = GoogleTokenSource(credentials.account, self._http)

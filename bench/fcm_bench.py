@@ -1,0 +1,221 @@
+"""FCM sends per second: FcmClient against the FCM sandbox, and h2load beside it.
+
+The sandbox (:class:`~pushstream.sandbox.fcm.FcmSandbox`, every check on,
+records off) runs in its own process; each client process runs one
+:class:`~pushstream.senders.fcm.FcmClient` with its own event loop, which
+gets its access token from the sandbox's token endpoint like any worker.
+Then h2load (Debian's ``nghttp2-client``) posts the same message with a
+valid access token to the same endpoint, which shows how much of the figure
+is the sandbox's own ceiling. Usage::
+
+    python bench/fcm_bench.py [--sends 5000] [--clients 1] [--concurrency 200]
+        [--connections 1] [--rate 1000000000] [--h2load-clients 1] [--no-h2load]
+
+``--rate`` is the client's per-project limit in sends a minute; the default
+lifts it, pushstream's default (500,000 a minute) would cap a run at 8,333
+sends/s. Both figures count requests answered 200. Loopback, no network
+latency: this measures the CPU cost per send, not what Google allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import re
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pushstream.config import FcmProject
+from pushstream.events import Notification, Send
+from pushstream.sandbox.certs import ensure_certs
+from pushstream.sandbox.fcm import FcmSandbox
+from pushstream.sandbox.server import SandboxServer
+from pushstream.senders import fcm
+from pushstream.senders.oauth import GoogleTokenSource
+from pushstream.senders.result import Target
+
+PROJECT = "bench-project"
+TOKEN = "bench-device-" + "aB3_x-Yz9:" * 15
+
+
+def serve(folder: str, queue: Any) -> None:
+    """The sandbox process: serve FCM, hand the port and settings back."""
+
+    async def run() -> None:
+        certs = ensure_certs(folder)
+        sandbox = FcmSandbox(record=False)
+        server = SandboxServer(
+            "127.0.0.1", 0, certs.server_ssl_context(), sandbox.handle, name="fcm"
+        )
+        await server.start()
+        sandbox.base_url = f"https://127.0.0.1:{server.port}"
+        values = sandbox.make_credentials(Path(folder) / "creds", projects=[PROJECT])
+        queue.put((server.port, values["PUSHSTREAM_FCM"]))
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def request() -> Send:
+    n = Notification(id="bench", title="Benchmark", body="x" * 100, data={"k": "v"})
+    rendered = fcm.render(n, Target("fcm", TOKEN, PROJECT, "d"), 0, None)
+    return Send(
+        send_id="bench:d",
+        notification_id="bench",
+        device_id="d",
+        platform="fcm",
+        app=PROJECT,
+        token=TOKEN,
+        accepted_at_ms=0,
+        headers=rendered.headers,
+        body=rendered.body,
+    )
+
+
+def credentials(projects_json: str) -> list[fcm.FcmCredentials]:
+    projects = [FcmProject(**entry) for entry in json.loads(projects_json)]
+    return [fcm.FcmCredentials.from_settings(p, i) for i, p in enumerate(projects)]
+
+
+def send_many(
+    port: int, projects_json: str, folder: str, args: argparse.Namespace, out: Any
+) -> None:
+    """One client process: ``args.sends`` sends, ``args.concurrency`` at a time."""
+
+    async def run() -> None:
+        projects = [
+            fcm.FcmCredentials(c.project_id, c.account, args.rate)
+            for c in credentials(projects_json)
+        ]
+        send = request()
+        outcomes: dict[str, int] = {}
+        async with fcm.FcmClient(
+            projects,
+            endpoint=f"https://127.0.0.1:{port}",
+            ca_file=Path(folder) / "ca.pem",
+            max_connections=args.connections,
+        ) as client:
+            await client.send(send)  # connect and fetch the access token first
+            remaining = args.sends
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    result = await client.send(send)
+                    outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+
+            started, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu
+        out.put((elapsed, cpu, outcomes))
+
+    asyncio.run(run())
+
+
+def h2load(port: int, projects_json: str, folder: str, args: argparse.Namespace) -> str:
+    """Run h2load with the same request and a valid access token."""
+    account = credentials(projects_json)[0].account
+
+    async def access_token() -> str:
+        context = ssl.create_default_context(cafile=str(Path(folder) / "ca.pem"))
+        async with httpx.AsyncClient(verify=context) as http:
+            token, _ = await GoogleTokenSource(account, http)()
+        return token
+
+    token = asyncio.run(access_token())
+    send = request()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body:
+        body.write(send.body)
+    command = [
+        "h2load",
+        f"-n{args.sends * args.clients}",
+        f"-c{args.h2load_clients}",
+        f"-m{args.concurrency}",
+        f"-d{body.name}",
+        "-H",
+        f"authorization: Bearer {token}",
+        *(arg for k, v in send.headers.items() for arg in ("-H", f"{k}: {v}")),
+        f"https://127.0.0.1:{port}/v1/projects/{PROJECT}/messages:send",
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finally:
+        Path(body.name).unlink()
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx", done.stdout)
+    if not rate or not codes:
+        return f"h2load failed:\n{done.stdout}\n{done.stderr}"
+    return (
+        f"h2load: {float(rate.group(1)):,.0f} requests/s "
+        f"({codes.group(1)} answered 2xx, {codes.group(3)} 4xx; "
+        f"{args.h2load_clients} connection(s), {args.concurrency} streams each)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sends", type=int, default=5000, help="per client process")
+    parser.add_argument("--clients", type=int, default=1, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--rate", type=int, default=10**9, help="sends a minute")
+    parser.add_argument("--h2load-clients", type=int, default=1)
+    parser.add_argument("--no-h2load", action="store_true")
+    args = parser.parse_args()
+    folder = str(Path(tempfile.gettempdir()) / "pushstream-fcm-bench")
+    ensure_certs(folder)
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    sandbox = ctx.Process(target=serve, args=(folder, ready), daemon=True)
+    sandbox.start()
+    try:
+        port, projects_json = ready.get(timeout=60)
+        results = ctx.Queue()
+        clients = [
+            ctx.Process(
+                target=send_many, args=(port, projects_json, folder, args, results)
+            )
+            for _ in range(args.clients)
+        ]
+        for client in clients:
+            client.start()
+        runs = [results.get(timeout=600) for _ in clients]
+        for client in clients:
+            client.join()
+        total: dict[str, int] = {}
+        for _, _, outcomes in runs:
+            for outcome, count in outcomes.items():
+                total[outcome] = total.get(outcome, 0) + count
+        slowest = max(elapsed for elapsed, _, _ in runs)
+        cpu_per_send = sum(cpu for _, cpu, _ in runs) / (args.sends * args.clients)
+        delivered = total.get("delivered", 0)
+        print(
+            f"FcmClient: {delivered / slowest:,.0f} sends/s "
+            f"({args.clients} process(es) x {args.sends} sends, outcomes {total}; "
+            f"{args.connections} connection(s), {args.concurrency} in flight each, "
+            f"limit {args.rate:,} a minute); client CPU "
+            f"{cpu_per_send * 1e6:,.0f} us per send"
+        )
+        if not args.no_h2load:
+            if shutil.which("h2load") is None:
+                print("h2load: not installed (apt-get install nghttp2-client)")
+            else:
+                print(h2load(port, projects_json, folder, args))
+    finally:
+        sandbox.terminate()
+
+
+if __name__ == "__main__":
+    main()
