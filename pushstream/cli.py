@@ -16,6 +16,7 @@ import click
 
 from pushstream import __version__, localkafka, topics, worker
 from pushstream.config import ConfigError, Settings, load_settings
+from pushstream.sandbox.main import command as sandbox_command
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -246,6 +247,7 @@ def topics_schemas(write: bool, folder: Path | None) -> None:
 
 cli.add_command(worker.worker_command)
 cli.add_command(worker.devices_command)
+cli.add_command(sandbox_command)
 
 
 def main() -> None:

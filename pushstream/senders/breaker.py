@@ -155,11 +155,14 @@ class CircuitBreaker:
         self._probe_out = False
 
     def _open(self, seconds: float, result: SendResult) -> None:
+        reopening = self._opened_at is not None
         self._opened_at = self._clock()
         self._open_for = seconds
         self._probe_out = False
         self._trips += 1
-        log.warning(
+        # WARNING once per outage; each failed probe after that is INFO.
+        log.log(
+            logging.INFO if reopening else logging.WARNING,
             "%s breaker open for %.1fs after %d outage results in a row "
             "(last: %s, status %s)",
             self.name,
