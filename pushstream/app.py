@@ -23,6 +23,7 @@ from typing import Any
 import faust
 from pydantic import BaseModel
 
+from pushstream import metrics
 from pushstream.config import Settings
 from pushstream.events import DeadLetter
 
@@ -211,6 +212,7 @@ class Pipeline:
             stage=stage,
             at_ms=now_ms(),
         )
+        metrics.dead_letter(source_topic, stage)
         return await self.publish(DEAD_LETTERS, key, letter)
 
     async def dead_letter_event(
