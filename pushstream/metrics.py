@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from pushstream import __version__
 from pushstream.config import Settings
-from pushstream.events import PLATFORMS
+from pushstream.events import PLATFORMS, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +174,13 @@ def reason_code(reason: str | None) -> str:
 # --- counting events (called where they happen) -------------------------------
 
 
-def delivery(platform: str | None, app: str | None, outcome: str, reason: str) -> None:
+def delivery(event: Delivery) -> None:
     """One outcome published on the deliveries topic."""
     DELIVERIES.labels(
-        platform=platform_label(platform),
-        app=app_label(app),
-        outcome=outcome,
-        reason=reason_code(reason),
+        platform=platform_label(event.platform),
+        app=app_label(event.app),
+        outcome=event.outcome,
+        reason=reason_code(event.reason),
     ).inc()
 
 

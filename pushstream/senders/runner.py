@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from pydantic import ValidationError
 
 from pushstream import app as pipeline_app
-from pushstream import retry
+from pushstream import metrics, retry
 from pushstream.config import Settings
 from pushstream.events import (
     PLATFORMS,
@@ -441,7 +441,8 @@ class PlatformSender:
 
             sent_at = pipeline_app.now_ms()
             try:
-                result = await self.client.send(item.send)
+                with metrics.ProviderRequest(self.platform):
+                    result = await self.client.send(item.send)
             except asyncio.CancelledError:
                 if probe:
                     self.breaker.cancel_probe()
@@ -473,12 +474,14 @@ class PlatformSender:
         send = item.send
         futures = []
         if settled.delivery is not None:
+            metrics.delivery(settled.delivery)
             futures.append(
                 await pipeline.publish(
                     pipeline_app.DELIVERIES, send.notification_id, settled.delivery
                 )
             )
         if settled.retry is not None:
+            metrics.retry_scheduled(self.platform, settled.retry.reason)
             futures.append(
                 await pipeline.publish(
                     pipeline_app.RETRIES, send.send_id, settled.retry
