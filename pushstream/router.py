@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from pushstream import metrics
 from pushstream.app import DELIVERIES, NOTIFICATIONS, SENDS, Pipeline, now_ms
 from pushstream.events import (
     PLATFORMS,
@@ -510,9 +511,9 @@ class Router:
 
         expires = expiry_ms(n, published_ms(message.timestamp, now), now)
         if is_expired(expires, now):
-            await self._pipeline.publish(
-                DELIVERIES, n.id, expired(n, where.user_id, now)
-            )
+            delivery = expired(n, where.user_id, now)
+            metrics.delivery(delivery)
+            await self._pipeline.publish(DELIVERIES, n.id, delivery)
             return
         if where.kind == "audience":
             await self._republish(n, n.audience or (), expires)
@@ -566,6 +567,7 @@ class Router:
         for send in routing.sends:
             await self._pipeline.publish(SENDS[send.platform], send.send_id, send)
         for delivery in routing.deliveries:
+            metrics.delivery(delivery)
             await self._pipeline.publish(DELIVERIES, n.id, delivery)
         if routing.sent is not None:
             self._routed[dedup] = encode_sent(routing.sent)
