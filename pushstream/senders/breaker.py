@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pushstream import metrics
 from pushstream.senders.result import SendResult
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class CircuitBreaker:
         self._open_for = 0.0
         self._probe_out = False
         self._trips = 0
+        metrics.breaker_state(name, "closed")
 
     @property
     def state(self) -> BreakerState:
@@ -135,6 +137,7 @@ class CircuitBreaker:
             return False
 
         self._probe_out = True
+        metrics.breaker_state(self.name, "half_open")
         log.info("%s breaker half-open: sending one probe request", self.name)
         return True
 
@@ -153,6 +156,7 @@ class CircuitBreaker:
     def cancel_probe(self) -> None:
         """The probe was let go but never made (shutdown): allow another one."""
         self._probe_out = False
+        metrics.breaker_state(self.name, self.state)
 
     def _open(self, seconds: float, result: SendResult) -> None:
         reopening = self._opened_at is not None
@@ -160,6 +164,7 @@ class CircuitBreaker:
         self._open_for = seconds
         self._probe_out = False
         self._trips += 1
+        metrics.breaker_state(self.name, "open", opened=not reopening)
         # WARNING once per outage; each failed probe after that is INFO.
         log.log(
             logging.INFO if reopening else logging.WARNING,
@@ -179,4 +184,5 @@ class CircuitBreaker:
         self._opened_at = None
         self._open_for = 0.0
         self._probe_out = False
+        metrics.breaker_state(self.name, "closed")
         log.info("%s breaker closed: the provider answers again", self.name)
