@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import click
 import faust
 
-from pushstream import registry, topics
+from pushstream import registry, router, topics
 from pushstream.app import DEVICES_TABLE, Pipeline
 from pushstream.config import ConfigError, Settings, load_settings
 from pushstream.events import UserDevices, token_fingerprint
@@ -37,7 +37,7 @@ from pushstream.registry_rules import decode_state
 log = logging.getLogger(__name__)
 
 # Every part of the pipeline, attached in this order.
-PARTS: tuple[Callable[[Pipeline], object], ...] = (registry.attach,)
+PARTS: tuple[Callable[[Pipeline], object], ...] = (registry.attach, router.attach)
 
 # Loggers that print too much at INFO, or URLs holding device tokens.
 QUIET_LOGGERS = ("aiokafka", "httpx", "httpcore", "h2", "hpack", "aiohttp.access")
