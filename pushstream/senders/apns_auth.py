@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from pushstream import metrics
 from pushstream.config import ApnsApp, ConfigError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class ProviderToken:
         self._iat = iat
         self._minted_at = now
         self.minted += 1
+        metrics.token_refreshed("apns")
         log.info(
             "APNs provider token made for team %s key %s (iat %d, %ds old)",
             self.team_id,

@@ -38,6 +38,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from pushstream import metrics
 from pushstream.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class TokenCache:
             value, lifetime = await self._fetch()
         except TokenError as exc:
             self._failure = (exc, self._clock() + self._failure_hold)
+            metrics.token_refreshed(self._name, ok=False)
             if background:
                 log.warning("access token refresh failed (%s): %s", self._name, exc)
             raise
@@ -160,6 +162,7 @@ class TokenCache:
                 f"token fetch failed ({type(exc).__name__})", retriable=True
             )
             self._failure = (error, self._clock() + self._failure_hold)
+            metrics.token_refreshed(self._name, ok=False)
             raise error from exc
 
         margin = min(self._margin, lifetime / 2)
@@ -167,6 +170,7 @@ class TokenCache:
         token = _Token(value, started + lifetime - margin, started + lifetime - skew)
         self._token = token
         self._failure = None
+        metrics.token_refreshed(self._name)
         log.info("access token refreshed (%s, valid %.0f s)", self._name, lifetime)
         return token
 
