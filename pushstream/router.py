@@ -418,10 +418,9 @@ def _render(
         condition = (target.platform, type(exc).__name__)
         if condition not in _failed_renders:
             _failed_renders.add(condition)
-            log.error(
-                "the %s renderer failed (%s); such sends are rejected as %s",
+            log.exception(
+                "the %s renderer failed; such sends are rejected as %s",
                 target.platform,
-                describe_error(exc),
                 RENDER_FAILED,
             )
         return RENDER_FAILED
@@ -494,9 +493,18 @@ class Router:
         self._rekey_warned = False
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
-        """The agent: handle each notification in order (concurrency 1)."""
+        """The agent: handle each notification in order (concurrency 1).
+
+        A notification that makes the router fail (a bug) is dead-lettered
+        with the error's type, so it cannot stop every notification after it.
+        """
         async for event in stream.events():
-            await self.handle(event)
+            try:
+                await self.handle(event)
+            except Exception as exc:
+                log.exception("routing a notification failed")
+                reason = f"routing failed: {type(exc).__name__}"
+                await self._pipeline.dead_letter_event(event, stage=STAGE, error=reason)
 
     async def handle(self, event: faust.EventT[bytes]) -> None:
         """Route one notification record; never raises for bad input."""
