@@ -323,6 +323,22 @@ async def test_large_bodies_both_ways(
     await conn.aclose()
 
 
+async def test_many_bodies_share_the_connection_window(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """Hundreds of concurrent bodies that together exceed the connection's flow
+    window all go out, none starved: otherwise a burst of pushes times out."""
+    server = await serve(Recorder())
+    conn = await connect(server, client_context)
+    bodies = [bytes([i % 256]) * 8192 for i in range(300)]  # 2.4 MB in all
+    async with asyncio.timeout(GUARD * 3):
+        results = await asyncio.gather(
+            *(conn.request("POST", "/", {}, body, timeout=GUARD * 3) for body in bodies)
+        )
+    assert [r.body for r in results] == bodies
+    await conn.aclose()
+
+
 class FreezableProxy:
     """A TCP relay that can stop passing bytes, like a silently dead peer."""
 

@@ -28,6 +28,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h11
+import hpack
 from hyperframe.frame import GoAwayFrame
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ DEFAULT_MAX_STREAMS = 1000
 """SETTINGS_MAX_CONCURRENT_STREAMS a new HTTP/2 connection advertises."""
 DEFAULT_PROTOCOLS = ("h2", "http/1.1")
 MAX_HEADER_LIST_SIZE = 65536
+CONNECTION_WINDOW = 1 << 20
+"""Bytes of request bodies in flight per connection (streams keep 64 KiB each)."""
 
 ResponseHeaders = Mapping[str, str] | Sequence[tuple[str, str]]
 
@@ -140,9 +143,9 @@ class _InboundStream:
         "headers",
         "id",
         "method",
+        "outgoing",
         "path",
         "task",
-        "window",
     )
 
     def __init__(self, stream_id: int) -> None:
@@ -153,7 +156,7 @@ class _InboundStream:
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
-        self.window: asyncio.Future[None] | None = None
+        self.outgoing = memoryview(b"")  # response body not yet sent
 
 
 class _H2Session:
@@ -170,7 +173,9 @@ class _H2Session:
         self._ctx = ctx
         self._loop = asyncio.get_running_loop()
         self.max_concurrent_streams = server.initial_max_streams
-        self._h2 = h2.connection.H2Connection(_H2_CONFIG)
+        config = _H2_CONFIG if server.validate_headers else _H2_CONFIG_LAX
+        self._h2 = _H2ServerState(config)
+        self._h2.encoder = _LiteralEncoder()
         codes = h2.settings.SettingCodes
         self._h2.local_settings = h2.settings.Settings(
             client=False,
@@ -180,10 +185,11 @@ class _H2Session:
             },
         )
         self._streams: dict[int, _InboundStream] = {}
-        self._window_waiters: set[_InboundStream] = set()
+        self._sending: dict[int, _InboundStream] = {}  # waiting for window, FIFO
         self._goaway_last: int | None = None
         self._flush_scheduled = False
         self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         transport.write(self._h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
@@ -203,17 +209,20 @@ class _H2Session:
                 self._on_stream_ended(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self._drop(event.stream_id)
-            elif isinstance(event, h2.events.WindowUpdated):
-                self._wake_senders(event.stream_id)
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
-                self._wake_senders(0)
+            elif isinstance(
+                event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged
+            ):
+                if self._sending:
+                    self._send_pending()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.close()
                 return
         self._flush()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
-        if self._goaway_last is not None and event.stream_id > self._goaway_last:
+        limit = self._h2.local_settings.max_concurrent_streams  # as acknowledged
+        cut_off = self._goaway_last is not None and event.stream_id > self._goaway_last
+        if cut_off or len(self._streams) >= limit:
             self._h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream = _InboundStream(event.stream_id)
@@ -258,46 +267,46 @@ class _H2Session:
 
     async def _serve(self, stream: _InboundStream, request: Request) -> None:
         response = await _call_handler(self._server.handler, request)
-        if self._streams.get(stream.id) is not stream:
-            return  # reset by the client or cut off by our GOAWAY
-        try:
-            await self._respond(stream, response)
-        finally:
-            self._forget(stream)
+        if self._streams.get(stream.id) is stream:  # not reset, not cut off
+            self._respond(stream, response)
 
-    async def _respond(self, stream: _InboundStream, response: Response) -> None:
-        h2conn = self._h2
+    def _respond(self, stream: _InboundStream, response: Response) -> None:
         block = [(":status", str(response.status))]
         block.extend([(k.lower(), v) for k, v in _pairs(response.headers)])
         body = response.body
         try:
-            h2conn.send_headers(stream.id, block, end_stream=not body)
-            offset, total = 0, len(body)
-            while offset < total:
-                window = h2conn.local_flow_control_window(stream.id)
-                if window <= 0:
-                    stream.window = self._loop.create_future()
-                    self._window_waiters.add(stream)
-                    self._schedule_flush()
-                    await stream.window
-                    continue
-                size = min(window, h2conn.max_outbound_frame_size, total - offset)
-                chunk = body[offset : offset + size] if size < total else body
-                offset += size
-                h2conn.send_data(stream.id, chunk, end_stream=offset == total)
+            self._h2.send_headers(stream.id, block, end_stream=not body)
         except h2.exceptions.StreamClosedError:
-            pass  # the client reset the stream meanwhile
+            body = b""  # the client reset the stream meanwhile
         self._schedule_flush()
+        if body:
+            stream.outgoing = memoryview(body)
+            self._sending[stream.id] = stream
+            self._send_pending()
+        else:
+            self._forget(stream)
 
-    def _wake_senders(self, stream_id: int) -> None:
-        if not self._window_waiters:
-            return
-        waiting = list(self._window_waiters)
-        for stream in waiting:
-            if stream_id in (0, stream.id) and stream.window is not None:
-                self._window_waiters.discard(stream)
-                if not stream.window.done():
-                    stream.window.set_result(None)
+    def _send_pending(self) -> None:
+        """Send queued response bodies, oldest first, as far as windows allow."""
+        h2conn = self._h2
+        frame_size = h2conn.max_outbound_frame_size
+        for stream in list(self._sending.values()):
+            if h2conn.outbound_flow_control_window <= 0:
+                break
+            outgoing = stream.outgoing
+            try:
+                window = h2conn.local_flow_control_window(stream.id)
+                while window > 0 and outgoing:
+                    size = min(window, frame_size, len(outgoing))
+                    chunk, outgoing = outgoing[:size], outgoing[size:]
+                    h2conn.send_data(stream.id, bytes(chunk), end_stream=not outgoing)
+                    window -= size
+            except h2.exceptions.StreamClosedError:
+                outgoing = memoryview(b"")
+            stream.outgoing = outgoing
+            if not outgoing:
+                self._forget(stream)
+        self._schedule_flush()
 
     def _drop(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
@@ -309,7 +318,7 @@ class _H2Session:
     def _forget(self, stream: _InboundStream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-        self._window_waiters.discard(stream)
+        self._sending.pop(stream.id, None)
         if self._goaway_last is not None and not self._streams:
             self._loop.call_soon(self.close)  # after the last frames are flushed
 
@@ -520,7 +529,13 @@ class SandboxServer:
     wanted (see :mod:`pushstream.sandbox.certs`); ``protocols`` is what this
     server accepts: a connection that negotiates anything else is dropped, and
     a client that sends no ALPN counts as ``http/1.1``. ``initial_max_streams``
-    is the MAX_CONCURRENT_STREAMS each new HTTP/2 connection advertises.
+    is the MAX_CONCURRENT_STREAMS each new HTTP/2 connection advertises;
+    streams beyond it are refused (RST_STREAM REFUSED_STREAM).
+
+    ``validate_headers`` checks HTTP/2 request headers as RFC 9113 §8.2 asks
+    (lowercase names, no connection headers, pseudo-headers first), as a real
+    provider does; a malformed request then resets the connection. Turning it
+    off saves about a tenth of the server's time per request, for load tests.
     """
 
     def __init__(
@@ -532,11 +547,13 @@ class SandboxServer:
         *,
         initial_max_streams: int = DEFAULT_MAX_STREAMS,
         protocols: Iterable[str] = DEFAULT_PROTOCOLS,
+        validate_headers: bool = True,
         name: str = "sandbox",
     ) -> None:
         self.host = host
         self.handler = handler
         self.initial_max_streams = initial_max_streams
+        self.validate_headers = validate_headers
         self.protocols = frozenset(protocols)
         self.name = name
         self._requested_port = port
@@ -613,11 +630,45 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+class _H2ServerState(h2.connection.H2Connection):
+    """h2's server state without its per-stream scan of all open streams.
+
+    h2 counts open inbound streams by scanning every stream before accepting
+    a new one (O(streams in flight) per request). _H2Session enforces the
+    limit itself, refusing excess streams with REFUSED_STREAM (RFC 9113
+    §5.1.2), so the scan, which also drops closed streams, runs every
+    PRUNE_EVERY-th stream.
+    """
+
+    PRUNE_EVERY = 64
+    _new_streams = 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._new_streams += 1
+        if self._new_streams % self.PRUNE_EVERY:
+            return 0
+        return super().open_inbound_streams
+
+
+class _LiteralEncoder(hpack.Encoder):
+    """HPACK without Huffman coding: cheaper in pure Python, a few bytes more."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 _H2_CONFIG = h2.config.H2Configuration(
     client_side=False,
     header_encoding=None,
-    # Inbound headers are validated as a real provider would; the responses
-    # are built here with lowercase names, so outbound checks are skipped.
+    # Responses are built here with lowercase names: no outbound checks.
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
+)
+_H2_CONFIG_LAX = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    validate_inbound_headers=False,
 )

@@ -22,6 +22,8 @@ and ``h2`` exceptions underneath are translated here and kept as ``__cause__``.
 - :class:`ConnectionLost`: the connection died, or a GOAWAY excluded this
   request's stream, before the answer arrived. ``goaway`` holds the server's
   GOAWAY if there was one (APNs puts ``{"reason": ...}`` in its debug data).
+  A stream above the GOAWAY's last_stream_id was never processed; any other
+  lost request may have been, so retrying it can deliver twice.
 - :class:`RequestTimeout`: no complete answer in time; the stream was reset.
   The server may still have acted on the request.
 - :class:`ProtocolError`: the server broke HTTP/2 or reset the stream;
@@ -30,6 +32,16 @@ and ``h2`` exceptions underneath are translated here and kept as ``__cause__``.
 ``retryable`` says whether sending the same request again is sensible. It is
 true for everything but protocol errors, and for REFUSED_STREAM resets, which
 guarantee that the server did not process the request.
+
+Cost per request
+----------------
+h2 and hpack are pure Python, so their work per request is what limits
+throughput (bench/http2_loop.py measures it). Requests are written once per
+event-loop pass for all of them, bodies that fit the flow-control windows go
+out with their headers, h2's header checks are off (headers are built here),
+HPACK literals skip Huffman coding, and ``:path`` is sent never-indexed: an
+APNs path is a device token, unique per request, which would otherwise evict
+the reusable entries (authorization, apns-topic) from the HPACK table.
 """
 
 from __future__ import annotations
@@ -50,6 +62,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import Frame, GoAwayFrame
 
 log = logging.getLogger(__name__)
@@ -177,11 +191,26 @@ def client_ssl_context(
 
 
 class _H2State(h2.connection.H2Connection):
-    """h2's connection state, kept open after a GOAWAY is received.
+    """h2's connection state with two changes for a client that multiplexes.
 
     h2 moves to CLOSED on GOAWAY and then rejects the responses still owed on
     streams up to last_stream_id, which RFC 9113 §6.8 says will complete.
+
+    Before each new stream h2 counts the open ones by scanning all of them
+    (which also drops closed ones): O(streams in flight) per request, up to
+    1000 with APNs. H2Connection admits a stream only within the server's
+    limit by its own count, so the scan runs on every PRUNE_EVERY-th stream.
     """
+
+    PRUNE_EVERY = 64
+    _new_streams = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._new_streams += 1
+        if self._new_streams % self.PRUNE_EVERY:
+            return 0
+        return super().open_outbound_streams
 
     def _receive_goaway_frame(
         self, frame: GoAwayFrame
@@ -191,6 +220,19 @@ class _H2State(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+
+class _LiteralEncoder(hpack.Encoder):
+    """HPACK without Huffman coding of literals.
+
+    In pure Python, Huffman coding a new value costs more than the rest of
+    the request; the bytes it saves (about a fifth of a literal) are few.
+    Repeated headers (authorization, apns-topic) are still sent as one-byte
+    table indexes.
+    """
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def _error_code(code: int) -> h2.errors.ErrorCodes | int:
@@ -203,16 +245,7 @@ def _error_code(code: int) -> h2.errors.ErrorCodes | int:
 class _Stream:
     """One request's state while its stream is open."""
 
-    __slots__ = (
-        "body",
-        "body_pending",
-        "closed",
-        "headers",
-        "id",
-        "response",
-        "status",
-        "window",
-    )
+    __slots__ = ("body", "closed", "headers", "id", "outgoing", "response", "status")
 
     def __init__(self, stream_id: int, response: asyncio.Future[H2Response]) -> None:
         self.id = stream_id
@@ -220,9 +253,8 @@ class _Stream:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
-        self.body_pending = False
+        self.outgoing = memoryview(b"")  # request body not yet sent
         self.closed = False
-        self.window: asyncio.Future[None] | None = None
 
 
 class H2Connection(asyncio.Protocol):
@@ -249,6 +281,7 @@ class H2Connection(asyncio.Protocol):
         self._authority = authority or (host if port == 443 else self._peer)
         self._loop = asyncio.get_running_loop()
         self._h2 = _H2State(_CLIENT_CONFIG)
+        self._h2.encoder = _LiteralEncoder()
         self._h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -261,7 +294,7 @@ class H2Connection(asyncio.Protocol):
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._streams: dict[int, _Stream] = {}
-        self._window_waiters: set[_Stream] = set()
+        self._sending: dict[int, _Stream] = {}  # bodies waiting for window, FIFO
         self._slot_waiters: collections.deque[asyncio.Future[None]] = (
             collections.deque()
         )
@@ -397,8 +430,6 @@ class H2Connection(asyncio.Protocol):
                     self._active += 1
                 has_slot = True
                 stream = self._open_stream(method, path, headers, body)
-                if stream.body_pending:
-                    await self._send_body(stream, body)
                 return await stream.response
         except TimeoutError as exc:
             message = f"no response from {self._peer} within {timeout:g}s"
@@ -415,11 +446,11 @@ class H2Connection(asyncio.Protocol):
     ) -> _Stream:
         h2conn = self._h2
         stream_id = h2conn.get_next_available_stream_id()
-        block = [
+        block: list[tuple[str, str] | NeverIndexedHeaderTuple] = [
             (":method", method),
             (":scheme", "https"),
             (":authority", self._authority),
-            (":path", path),
+            NeverIndexedHeaderTuple(":path", path),
         ]
         pairs = headers.items() if isinstance(headers, Mapping) else headers
         block.extend([(name.lower(), value) for name, value in pairs])
@@ -428,35 +459,49 @@ class H2Connection(asyncio.Protocol):
             stream = _Stream(stream_id, self._loop.create_future())
             if body:
                 size = len(body)
-                window = h2conn.local_flow_control_window(stream_id)
-                if size <= window and size <= h2conn.max_outbound_frame_size:
+                if (
+                    not self._sending
+                    and size <= h2conn.max_outbound_frame_size
+                    and size <= h2conn.local_flow_control_window(stream_id)
+                ):
                     h2conn.send_data(stream_id, body, end_stream=True)
                 else:
-                    stream.body_pending = True
+                    stream.outgoing = memoryview(body)
+                    self._sending[stream_id] = stream
         except h2.exceptions.ProtocolError as exc:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 h2conn.reset_stream(stream_id)
             raise ProtocolError(f"cannot send to {self._peer}: {exc}") from exc
         self._streams[stream_id] = stream
+        if self._sending:
+            self._send_pending()
         self._schedule_flush()
         return stream
 
-    async def _send_body(self, stream: _Stream, body: bytes) -> None:
-        """Send a body larger than the peer's windows, waiting for WINDOW_UPDATE."""
+    def _send_pending(self) -> None:
+        """Send queued request bodies, oldest first, as far as windows allow.
+
+        Runs whenever a window may have grown; bodies that fit when their
+        request starts never queue.
+        """
         h2conn = self._h2
-        offset, total = 0, len(body)
-        while offset < total and not stream.closed:
-            window = h2conn.local_flow_control_window(stream.id)
-            if window <= 0:
-                stream.window = self._loop.create_future()
-                self._window_waiters.add(stream)
-                await stream.window
-                continue
-            end = offset + min(window, h2conn.max_outbound_frame_size, total - offset)
-            h2conn.send_data(stream.id, body[offset:end], end_stream=end == total)
-            offset = end
-            self._flush()
-        stream.body_pending = False
+        frame_size = h2conn.max_outbound_frame_size
+        for stream in list(self._sending.values()):
+            if h2conn.outbound_flow_control_window <= 0:
+                break  # the connection window is shared: the rest waits
+            outgoing = stream.outgoing
+            try:
+                window = h2conn.local_flow_control_window(stream.id)
+                while window > 0 and outgoing:
+                    size = min(window, frame_size, len(outgoing))
+                    chunk, outgoing = outgoing[:size], outgoing[size:]
+                    h2conn.send_data(stream.id, bytes(chunk), end_stream=not outgoing)
+                    window -= size
+            except h2.exceptions.StreamClosedError:
+                outgoing = memoryview(b"")  # reset by the server: its event follows
+            stream.outgoing = outgoing
+            if not outgoing:
+                del self._sending[stream.id]
 
     async def _wait_for_slot(self) -> None:
         """Wait in FIFO order until a stream slot is granted to this request."""
@@ -502,8 +547,8 @@ class H2Connection(asyncio.Protocol):
     def _finish(self, stream: _Stream) -> None:
         stream.closed = True
         del self._streams[stream.id]
-        if stream.window is not None:
-            self._wake_senders([stream])  # _send_body sees closed and stops
+        if stream.outgoing:
+            del self._sending[stream.id]
         if self._closing:
             self._close_if_idle()
         else:
@@ -589,7 +634,7 @@ class H2Connection(asyncio.Protocol):
         stream = self._streams.get(event.stream_id)
         if stream is None:
             return
-        if stream.body_pending:
+        if stream.outgoing:
             # Answered before the whole body went out: stop sending it.
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
@@ -611,21 +656,8 @@ class H2Connection(asyncio.Protocol):
         self._fail(stream, error)
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
-        if not self._window_waiters:
-            return
-        if event.stream_id == 0:
-            self._wake_senders(list(self._window_waiters))
-        else:
-            stream = self._streams.get(event.stream_id)
-            if stream is not None and stream in self._window_waiters:
-                self._wake_senders([stream])
-
-    def _wake_senders(self, streams: list[_Stream]) -> None:
-        for stream in streams:
-            self._window_waiters.discard(stream)
-            if stream.window is not None and not stream.window.done():
-                stream.window.set_result(None)
-            stream.window = None
+        if self._sending:
+            self._send_pending()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         limit = self._h2.remote_settings.max_concurrent_streams
@@ -635,8 +667,8 @@ class H2Connection(asyncio.Protocol):
             )
             self._limit = limit
             self._grant_slots()
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            self._wake_senders(list(self._window_waiters))
+        if self._sending:
+            self._send_pending()  # INITIAL_WINDOW_SIZE may have grown
         if not self._ready.done():
             self._ready.set_result(None)
 
@@ -746,6 +778,7 @@ class H2Connection(asyncio.Protocol):
         self._start_closing()
         streams = list(self._streams.values())
         self._streams.clear()
+        self._sending.clear()
         for stream in streams:
             stream.closed = True
             error: TransportError
@@ -766,8 +799,6 @@ class H2Connection(asyncio.Protocol):
         self._die(f"connection to {self._peer} abandoned")
 
     def _fail(self, stream: _Stream, error: TransportError) -> None:
-        if stream.window is not None:
-            self._wake_senders([stream])
         if not stream.response.done():
             stream.response.set_exception(error)
 
@@ -805,9 +836,11 @@ _CLIENT_CONFIG = h2.config.H2Configuration(
     client_side=True,
     header_encoding=None,
     # Request headers are built above with lowercase names and pseudo-headers
-    # first, so h2's per-request validation would only cost time.
+    # first, and the providers send well-formed responses, so h2's header
+    # checks would only cost time on every request.
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
+    validate_inbound_headers=False,
 )
 
 
