@@ -159,12 +159,17 @@ class Registry:
         return sweep(state, event, self.rules)
 
     async def _commit(self, user_id: str, old: UserDevices, change: Change) -> None:
+        """Publish what happened, then store the new state, then claim tokens.
+
+        Token events are in Kafka before the table says they happened: after
+        a crash the event is handled again from the stored state, which would
+        not repeat them. The state is stored even when unchanged, so that a
+        state that reached RocksDB but not its changelog before a crash
+        reaches the changelog when the event is handled again. Claims need
+        no wait: handling a register again claims its token again.
+        """
         key = user_id.encode()
-        if change.state != old:
-            if is_empty(change.state):
-                del self.devices[key]
-            else:
-                self.devices[key] = encode_state(change.state)
+        sent = []
         for token_event in change.token_events:
             log.debug(
                 "registry: %s for user %s device %s",
@@ -172,7 +177,12 @@ class Registry:
                 user_id,
                 token_event.device_id,
             )
-            await self.pipeline.publish(TOKEN_EVENTS, key, token_event)
+            sent.append(await self.pipeline.publish(TOKEN_EVENTS, key, token_event))
+        await asyncio.gather(*sent)
+        if not is_empty(change.state):
+            self.devices[key] = encode_state(change.state)
+        elif not is_empty(old):
+            del self.devices[key]
         for claim in change.claims:
             await self.pipeline.publish(TOKEN_OWNERS, claim.token_fp, claim)
 
@@ -186,10 +196,13 @@ class Registry:
         raw = self.owners.get(key)
         owner = Owner.model_validate_json(raw) if raw is not None else None
         new_owner, released = settle_claim(owner, claim)
-        if new_owner is not None:
-            self.owners[key] = new_owner.model_dump_json().encode()
         if released is not None and released.user_id is not None:
-            await self.pipeline.publish(TOKEN_EVENTS, released.user_id, released)
+            # In Kafka before the new owner is stored (see _commit).
+            sent = await self.pipeline.publish(TOKEN_EVENTS, released.user_id, released)
+            await sent
+        current = new_owner or owner
+        if current is not None:
+            self.owners[key] = current.model_dump_json().encode()
 
     async def sweep(self) -> int:
         """Ask for the retirement of stale devices in this worker's partitions.

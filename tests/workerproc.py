@@ -29,7 +29,8 @@ worker at the test's broker, topic prefix, app id and data folder)::
   event was handled and what it published was flushed, so afterwards every
   effect of the events published so far is in Kafka (and a test may assert
   that something was *not* published).
-- :func:`read_all` reads a whole topic (to its current end) without a group.
+- :func:`read_all` reads a whole topic (to its current end) without a group;
+  :func:`read_table` reads a whole table from its changelog.
 """
 
 from __future__ import annotations
@@ -316,6 +317,22 @@ async def read_all(settings: Settings, topic: str) -> list[Message]:
         return sorted(got, key=lambda m: (m.partition, m.offset))
     finally:
         await consumer.stop()
+
+
+async def read_table(settings: Settings, table: str) -> dict[str, Any]:
+    """A whole table as its changelog holds it now: key -> latest value (JSON).
+
+    Keys whose latest record is a deletion are left out.
+    """
+    topic = f"{settings.app_id}-{table}-changelog"
+    latest: dict[str, Any] = {}
+    for message in await read_all(settings, topic):
+        assert message.key is not None
+        if message.value is None:
+            latest.pop(message.key, None)
+        else:
+            latest[message.key] = message.value
+    return latest
 
 
 def _json_or_bytes(raw: bytes | None) -> Any:
