@@ -34,6 +34,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -45,6 +46,9 @@ from pushstream.events import PLATFORMS, Delivery
 
 log = logging.getLogger(__name__)
 
+# The ``_created`` series prometheus-client adds to every counter double the
+# number of series and are not used by any query here.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 REGISTRY = CollectorRegistry()
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -6,7 +6,8 @@ pushstream's topics exist with the partition counts the tables need, and runs
 Faust's worker until SIGTERM or SIGINT, after which it stops cleanly (offsets
 committed, tables flushed) and exits with status 0.
 
-The worker serves ``GET /ready`` on its web port: 200 once its partitions
+The worker serves ``GET /health``, ``GET /ready`` and ``GET /metrics`` on its
+web port (:mod:`pushstream.web`): ``/ready`` answers 200 once its partitions
 are assigned and its tables recovered from their changelogs, 503 before
 that and while partitions move. The devices table itself is never served
 over HTTP.
@@ -20,27 +21,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
 import faust
 
-from pushstream import registry, router, topics
+from pushstream import registry, retry, router, topics, web
 from pushstream.app import DEVICES_TABLE, Pipeline
 from pushstream.config import ConfigError, Settings, load_settings
 from pushstream.events import UserDevices, token_fingerprint
+from pushstream.log import setup_from_settings as setup_logging
+from pushstream.log import shorten_token
 from pushstream.registry_rules import decode_state
+from pushstream.senders import runner
 
 log = logging.getLogger(__name__)
 
 # Every part of the pipeline, attached in this order.
-PARTS: tuple[Callable[[Pipeline], object], ...] = (registry.attach, router.attach)
+PARTS: tuple[Callable[[Pipeline], object], ...] = (
+    registry.attach,
+    router.attach,
+    runner.attach,
+    retry.attach,
+)
 
-# Loggers that print too much at INFO, or URLs holding device tokens.
-QUIET_LOGGERS = ("aiokafka", "httpx", "httpcore", "h2", "hpack", "aiohttp.access")
 READ_TIMEOUT_S = 30.0
 
 
@@ -52,48 +58,12 @@ class WorkerError(Exception):
 
 
 def build_pipeline(settings: Settings) -> Pipeline:
-    """The Faust app with every part attached and the readiness page."""
+    """The Faust app with every part attached, and its web pages."""
     pipeline = Pipeline(settings)
     for attach in PARTS:
         attach(pipeline)
-    add_ready_page(pipeline.app)
+    web.attach(pipeline)
     return pipeline
-
-
-def is_ready(app: faust.App) -> bool:
-    """Partitions assigned (at least one rebalance done) and tables recovered."""
-    recovery: Any = getattr(app.tables, "recovery", None)
-    return bool(
-        app.rebalancing_count > 0
-        and not app.rebalancing
-        and recovery is not None
-        and recovery.completed.is_set()
-    )
-
-
-def add_ready_page(app: faust.App) -> None:
-    """``GET /ready``: 200 when :func:`is_ready`, else 503; JSON either way."""
-
-    async def ready(view: Any, request: Any) -> Any:
-        ok = is_ready(app)
-        assigned = app.consumer.assignment() if ok else set()
-        body = {"ready": ok, "assigned_partitions": len(assigned)}
-        return view.json(body, status=200 if ok else 503)
-
-    app.page("/ready", name="ready")(ready)
-
-
-def configure_logging(settings: Settings) -> None:
-    """Plain text logs on stderr at the configured level."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-    if root.level != logging.DEBUG:  # -v asks for DEBUG whatever the settings say
-        root.setLevel(settings.log_level.upper())
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def check_topics(settings: Settings) -> None:
@@ -133,11 +103,13 @@ def run_worker(settings: Settings | None = None) -> NoReturn:
     Raises ConfigError or WorkerError (before starting) when it cannot run.
     """
     settings = settings or load_settings()
-    configure_logging(settings)
+    setup_logging(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(check_topics(settings))
+    # Credentials are loaded as the parts attach: a bad one stops the worker
+    # before it talks to Kafka.
     pipeline = build_pipeline(settings)
+    loop.run_until_complete(check_topics(settings))
     log.info(
         "worker %s starting: kafka %s, topics %s*, %d partitions, data in %s",
         settings.app_id,
@@ -228,11 +200,6 @@ async def read_devices(settings: Settings, user_id: str) -> UserDevices:
     """A user's devices as the devices table holds them now."""
     raw = await read_table_value(settings, DEVICES_TABLE, user_id.encode())
     return decode_state(raw)
-
-
-def shorten_token(token: str) -> str:
-    """The first 8 characters of a token and an ellipsis: safe to print."""
-    return token[:8] + "…"
 
 
 def _when(ms: int | None) -> str:

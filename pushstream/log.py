@@ -1,0 +1,153 @@
+"""Logging for pushstream's processes: one handler on stderr, text or JSON lines.
+
+:func:`setup` installs the handler (replacing a plain stderr handler that
+``logging.basicConfig`` may have put there) with :class:`GuardFilter`, and
+sets the levels. The worker calls :func:`setup_from_settings` (``log_level``,
+``log_json``); every command gets text at INFO (DEBUG with ``-v``) first.
+
+What is logged where (house style): INFO for a state change (connected,
+partitions assigned, token refreshed, breaker opened, shutdown), DEBUG for
+each message, WARNING once per condition, ERROR when a task dies. Counts go
+to metrics. Secrets never: settings hold them as ``SecretStr``, whose repr is
+``'**********'``. A device token is shown only as :func:`shorten_token`.
+
+The HTTP libraries (httpx, httpcore, h2, hpack) log request URLs and header
+blocks at DEBUG: an APNs URL holds a device token, a WNS URL is the channel
+itself, and headers carry bearer tokens. Their loggers are set to WARNING and
+the guard drops anything below WARNING from them even if someone turns their
+level down again (``-v`` included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from pydantic import TypeAdapter, ValidationError
+
+from pushstream.config import ConfigError, Settings
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TOKEN_SHOWN = 8
+
+# Loggers that print request URLs or headers (tokens, channel URIs, bearers).
+GUARDED_LOGGERS = ("httpx", "httpcore", "h2", "hpack")
+# Loggers that are only noisy below WARNING: a line per fetch, per request.
+QUIET_LOGGERS = ("aiokafka", "aiohttp.access")
+
+# The attribute that marks the handler this module installed.
+_MARK = "_pushstream_handler"
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({})))
+
+
+def shorten_token(token: str) -> str:
+    """The first 8 characters of a token and an ellipsis: safe to print."""
+    return token[:TOKEN_SHOWN] + "…"
+
+
+class GuardFilter(logging.Filter):
+    """Drops records below WARNING from the guarded loggers and their children."""
+
+    def __init__(self, names: tuple[str, ...] = GUARDED_LOGGERS) -> None:
+        super().__init__()
+        self._names = names
+        self._prefixes = tuple(name + "." for name in names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        name = record.name
+        return not (name in self._names or name.startswith(self._prefixes))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, exception, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                entry[key] = value
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup(
+    level: int | str = logging.INFO,
+    *,
+    json_lines: bool = False,
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """Log to ``stream`` (stderr) at ``level``, as text or JSON lines.
+
+    Idempotent: a second call replaces the handler of the first. Handlers
+    that others installed (a test's capture handler) are left alone, except
+    a plain stderr handler from ``logging.basicConfig``, which would print
+    every line twice.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _MARK, False) or _is_basic_stderr(handler):
+            root.removeHandler(handler)
+
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT)
+    )
+    handler.addFilter(GuardFilter())
+    setattr(handler, _MARK, True)
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else level.upper())
+
+    for name in GUARDED_LOGGERS + QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return handler
+
+
+def setup_from_settings(settings: Settings) -> logging.Handler:
+    """:func:`setup` with ``log_level`` and ``log_json``; ``-v`` keeps DEBUG.
+
+    Raises ConfigError naming PUSHSTREAM_LOG_LEVEL when the level is unknown.
+    """
+    level: int | str = settings.log_level.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(
+            f"PUSHSTREAM_LOG_LEVEL: unknown level {settings.log_level!r} "
+            "(DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
+    if logging.getLogger().level == logging.DEBUG:  # -v asks for DEBUG
+        level = logging.DEBUG
+    return setup(level, json_lines=settings.log_json)
+
+
+def json_from_env() -> bool:
+    """``PUSHSTREAM_LOG_JSON`` read as the settings read it (false if unset/bad).
+
+    For the commands that log before, or without, loading the settings.
+    """
+    value = os.environ.get("PUSHSTREAM_LOG_JSON", "false")
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return False
+
+
+def _is_basic_stderr(handler: logging.Handler) -> bool:
+    return (
+        type(handler) is logging.StreamHandler
+        and getattr(handler, "stream", None) is sys.stderr
+    )
