@@ -15,17 +15,14 @@ from typing import Any
 import click
 
 from pushstream import __version__, localkafka, topics, worker
+from pushstream import log as pushstream_log
 from pushstream.config import ConfigError, Settings, load_settings
 from pushstream.sandbox.main import command as sandbox_command
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    level = logging.DEBUG if verbose else logging.INFO
+    pushstream_log.setup(level, json_lines=pushstream_log.json_from_env())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
