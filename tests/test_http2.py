@@ -118,7 +118,7 @@ async def until(predicate: Callable[[], bool]) -> None:
 
 
 async def test_round_trip(serve: Serve, client_context: ssl.SSLContext) -> None:
-    """A request and its response cross intact: nothing could be sent at all."""
+    """Nothing could be sent at all: a request or its response arrives altered."""
     handler = Recorder()
     server = await serve(handler)
     async with H2Pool(
@@ -138,8 +138,7 @@ async def test_round_trip(serve: Serve, client_context: ssl.SSLContext) -> None:
 async def test_many_requests_respect_stream_limit(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """200 concurrent sends on one connection all succeed without ever opening
-    more streams than the server allows: otherwise a burst gets refused."""
+    """A burst of sends is refused for opening more streams than the server allows."""
     handler = Recorder()
     server = await serve(handler, initial_max_streams=100)
     conn = await connect(server, client_context)
@@ -153,13 +152,13 @@ async def test_many_requests_respect_stream_limit(
     await conn.aclose()
 
 
+# APNs lowers MAX_CONCURRENT_STREAMS to 1 after a rejected push, with other pushes
+# in flight, and raises it after the next accepted one. httpcore deadlocks there:
+# it waits for free slots while holding the lock that reads the responses.
 async def test_lowered_stream_limit_mid_flight_does_not_hang(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """When the server drops MAX_CONCURRENT_STREAMS to 1 with requests in flight
-    (APNs after a rejected push), all of them still complete, later ones go one
-    at a time, and raising the limit restores concurrency. A failure here is
-    the httpx hang: sends stall forever after the first rejected push."""
+    """Sends stall forever after APNs lowers the stream limit (the httpx hang)."""
     handler = Recorder()
     handler.gate.clear()
     server = await serve(handler, initial_max_streams=100)
@@ -193,9 +192,7 @@ async def test_lowered_stream_limit_mid_flight_does_not_hang(
 async def test_apns_style_reject_then_accept(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """The scenario of the httpx reproduction: the first of several in-flight
-    pushes is rejected and the limit drops to 1, the next accepted one raises
-    it again. Every push gets its answer instead of hanging."""
+    """Pushes in flight with a rejected one never get their answers (httpx hang)."""
     in_flight = 0
     all_in = asyncio.Event()
     state = {"rejected": False}
@@ -228,9 +225,7 @@ async def test_apns_style_reject_then_accept(
 async def test_goaway_fails_only_unprocessed_streams(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """After a GOAWAY, streams the server kept are answered, the others fail
-    with a retryable ConnectionLost carrying the server's reason, and the pool
-    reconnects: otherwise pushes are lost or sends stop after an APNs GOAWAY."""
+    """After an APNs GOAWAY, pushes are lost without a retryable error or sends stop."""
     handler = Recorder()
     handler.gate.clear()
     server = await serve(handler)
@@ -266,8 +261,7 @@ async def test_goaway_fails_only_unprocessed_streams(
 async def test_server_killed_mid_flight(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """Requests in flight when the server dies fail at once with ConnectionLost
-    instead of waiting for their timeout (sends would stall for the timeout)."""
+    """Sends stall until their timeout when the provider's server dies mid-flight."""
     handler = Recorder()
     server = await serve(handler)
     conn = await connect(server, client_context)
@@ -286,9 +280,7 @@ async def test_server_killed_mid_flight(
 async def test_request_timeout_resets_stream_and_keeps_connection(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """A request the server never answers raises RequestTimeout and frees its
-    stream while other requests on the connection go on: otherwise one stuck
-    push blocks a slot or hangs its sender forever."""
+    """One unanswered push hangs its sender or takes a stream slot for good."""
     handler = Recorder()
     server = await serve(handler, initial_max_streams=1)
     conn = await connect(server, client_context)
@@ -306,8 +298,7 @@ async def test_request_timeout_resets_stream_and_keeps_connection(
 async def test_large_bodies_both_ways(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """Bodies far beyond the 64 KiB initial flow-control window go out and come
-    back whole: otherwise large payloads stall until timeout."""
+    """Bodies beyond the 64 KiB flow-control window stall until they time out."""
 
     async def digest(req: Request) -> Response:
         body = hashlib.sha256(req.body).hexdigest().encode()
@@ -326,8 +317,7 @@ async def test_large_bodies_both_ways(
 async def test_many_bodies_share_the_connection_window(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """Hundreds of concurrent bodies that together exceed the connection's flow
-    window all go out, none starved: otherwise a burst of pushes times out."""
+    """Some pushes of a burst starve behind the connection window and time out."""
     server = await serve(Recorder())
     conn = await connect(server, client_context)
     bodies = [bytes([i % 256]) * 8192 for i in range(300)]  # 2.4 MB in all
@@ -386,9 +376,7 @@ class FreezableProxy:
 async def test_ping_detects_dead_peer(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """A peer that silently stops answering is declared dead by the PING
-    keep-alive and its request fails with ConnectionLost long before the
-    request timeout: otherwise sends wait on a dead connection."""
+    """Sends wait on a connection whose peer silently vanished (no PING check)."""
     server = await serve(Recorder())
     proxy = FreezableProxy(server.port)
     port = await proxy.start()
@@ -414,8 +402,7 @@ async def test_ping_detects_dead_peer(
 async def test_pool_spreads_over_connections(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """When one connection's streams are all busy the pool opens another, up to
-    max_connections: otherwise throughput stays capped at one connection."""
+    """Throughput stays capped at one full connection despite max_connections."""
     handler = Recorder()
     handler.gate.clear()
     server = await serve(handler, initial_max_streams=5)
@@ -439,8 +426,7 @@ async def test_pool_spreads_over_connections(
 async def test_pool_reset_opens_a_fresh_connection(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:
-    """After reset() the next request runs on a new connection (APNs binds a
-    token connection to its first key id): otherwise a key change keeps failing."""
+    """After an APNs key change, sends keep failing on the old connection."""
     handler = Recorder()
     server = await serve(handler)
     async with H2Pool("127.0.0.1", server.port, client_context) as pool:
@@ -453,9 +439,7 @@ async def test_pool_reset_opens_a_fresh_connection(
 async def test_pool_backs_off_when_server_is_down(
     client_context: ssl.SSLContext,
 ) -> None:
-    """Against a server that refuses TLS, requests fail with ConnectError and,
-    after one retry, without new connection attempts: otherwise an outage
-    turns into a connection storm."""
+    """A provider outage turns into a storm of connection attempts."""
     attempts = 0
 
     async def refuse(
@@ -481,8 +465,7 @@ async def test_pool_backs_off_when_server_is_down(
 async def test_connect_requires_h2_alpn(
     serve: Serve, certs: SandboxCerts, client_context: ssl.SSLContext
 ) -> None:
-    """A server that does not agree to HTTP/2 is reported as a ConnectError that
-    names ALPN, instead of hanging or failing later with an obscure error."""
+    """A server without HTTP/2 gives a hang or an obscure error, not an ALPN one."""
     handler = Recorder()
     ctx = certs.server_ssl_context(alpn=["http/1.1"])
     server = SandboxServer("127.0.0.1", 0, ctx, handler, protocols=["http/1.1"])
@@ -492,6 +475,6 @@ async def test_connect_requires_h2_alpn(
 
 
 def test_errors_share_one_base() -> None:
-    """Callers can catch every no-answer case with TransportError alone."""
+    """A sender catching TransportError misses some no-answer cases."""
     for error in (ConnectError, ConnectionLost, RequestTimeout):
         assert issubclass(error, TransportError)

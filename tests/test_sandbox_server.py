@@ -57,8 +57,7 @@ async def http11_exchange(port: int, context: ssl.SSLContext, raw: bytes) -> byt
 
 
 async def test_h2_request_reaches_handler(certs: SandboxCerts) -> None:
-    """Method, path, body and repeated headers reach the handler over HTTP/2
-    (a stand-in that misreads requests would accept what a provider rejects)."""
+    """A stand-in misreads HTTP/2 requests and accepts what a provider rejects."""
     async with SandboxServer(
         "127.0.0.1", 0, certs.server_ssl_context(), echo
     ) as server:
@@ -77,8 +76,7 @@ async def test_h2_request_reaches_handler(certs: SandboxCerts) -> None:
 
 
 async def test_http11_keep_alive(certs: SandboxCerts) -> None:
-    """Two HTTP/1.1 requests share one connection and its state (WNS clients
-    keep connections alive; per-connection state would otherwise reset)."""
+    """WNS clients lose keep-alive, or per-connection state resets between requests."""
     async with SandboxServer(
         "127.0.0.1", 0, certs.server_ssl_context(), echo
     ) as server:
@@ -98,8 +96,7 @@ async def test_http11_keep_alive(certs: SandboxCerts) -> None:
 
 
 async def test_http11_rejects_chunked_body(certs: SandboxCerts) -> None:
-    """A chunked request body gets 400 as WNS answers it, instead of being
-    accepted by the stand-in and failing only against the real service."""
+    """A chunked body passes the WNS stand-in but fails against the real WNS."""
     async with SandboxServer(
         "127.0.0.1", 0, certs.server_ssl_context(), echo
     ) as server:
@@ -114,8 +111,7 @@ async def test_http11_rejects_chunked_body(certs: SandboxCerts) -> None:
 
 
 async def test_h2_only_server_refuses_http11(certs: SandboxCerts) -> None:
-    """A stand-in limited to HTTP/2 (APNs) drops an HTTP/1.1 client, as the real
-    service refuses it at connect time."""
+    """The APNs stand-in serves HTTP/1.1, which the real APNs refuses."""
     context = certs.server_ssl_context(alpn=["h2"])
     async with SandboxServer("127.0.0.1", 0, context, echo, protocols=["h2"]) as server:
         data = await http11_exchange(
@@ -127,8 +123,7 @@ async def test_h2_only_server_refuses_http11(certs: SandboxCerts) -> None:
 
 
 async def test_slow_handlers_run_concurrently(certs: SandboxCerts) -> None:
-    """Ten requests whose handlers wait for each other all complete: one slow
-    stream must not hold up the others on an HTTP/2 connection."""
+    """One slow stream holds up the other requests on an HTTP/2 connection."""
     barrier = asyncio.Barrier(10)
 
     async def together(req: Request) -> Response:
@@ -150,7 +145,7 @@ async def test_slow_handlers_run_concurrently(certs: SandboxCerts) -> None:
 
 
 async def test_handler_error_becomes_500(certs: SandboxCerts) -> None:
-    """A stand-in bug answers 500 instead of leaving the client hanging."""
+    """A bug in a stand-in leaves the client hanging instead of answering 500."""
 
     async def broken(req: Request) -> Response:
         raise RuntimeError("bug")
@@ -167,8 +162,7 @@ async def test_handler_error_becomes_500(certs: SandboxCerts) -> None:
 
 
 async def test_initial_stream_limit_is_advertised(certs: SandboxCerts) -> None:
-    """A server configured with one stream advertises it, as APNs does on a new
-    token connection; a client would otherwise assume a wrong limit."""
+    """A new token connection to the APNs stand-in allows more than one stream."""
     async with SandboxServer(
         "127.0.0.1", 0, certs.server_ssl_context(), echo, initial_max_streams=1
     ) as server:
@@ -180,8 +174,7 @@ async def test_initial_stream_limit_is_advertised(certs: SandboxCerts) -> None:
 
 
 async def test_client_certificate_required(certs: SandboxCerts) -> None:
-    """A server that requires client certificates refuses a client without one
-    and shows the handler the one it got (APNs certificate auth)."""
+    """APNs certificate auth: no client cert is required, or the handler sees none."""
     seen: list[bytes | None] = []
 
     async def who(req: Request) -> Response:
@@ -214,9 +207,7 @@ async def test_client_certificate_required(certs: SandboxCerts) -> None:
 
 
 def test_certs_are_reused_and_keys_private(tmp_path: Path) -> None:
-    """Certificates are made once and reused, keys are 0600, and asking for a
-    new host name remakes them: otherwise every run would re-trust a new CA,
-    or a stand-in host would fail TLS."""
+    """Each run makes a new CA, keys are readable by others, or new hosts fail TLS."""
     first = ensure_certs(tmp_path)
     ca_pem = first.ca_cert.read_bytes()
     assert ensure_certs(tmp_path).ca_cert.read_bytes() == ca_pem
@@ -231,7 +222,7 @@ def test_certs_are_reused_and_keys_private(tmp_path: Path) -> None:
 
 
 def test_broken_cert_files_are_replaced(tmp_path: Path) -> None:
-    """A truncated certificate file is replaced, not served (TLS would fail)."""
+    """A truncated certificate file stays in place and TLS to the sandbox fails."""
     certs = ensure_certs(tmp_path)
     certs.server_cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     ensure_certs(tmp_path)

@@ -584,7 +584,7 @@ class H2Connection(asyncio.Protocol):
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._flush()  # h2 queued a GOAWAY
-            self._die(f"HTTP/2 protocol error from {self._peer}: {exc}", protocol=True)
+            self._die(f"HTTP/2 protocol error from {self._peer}: {exc}", cause=exc)
             return
         dispatch = self._dispatch
         for event in events:
@@ -765,8 +765,11 @@ class H2Connection(asyncio.Protocol):
             self._flush()
             self._die(f"connection to {self._peer} closed", abort=False)
 
-    def _die(self, reason: str, *, abort: bool = True, protocol: bool = False) -> None:
-        """Fail every pending request with ``reason`` and drop the transport."""
+    def _die(
+        self, reason: str, *, abort: bool = True, cause: Exception | None = None
+    ) -> None:
+        """Fail every pending request with ``reason`` and drop the transport;
+        a ``cause`` from h2 makes it a :class:`ProtocolError`."""
         if self._closed:
             return
         self._closed = True
@@ -782,8 +785,9 @@ class H2Connection(asyncio.Protocol):
         for stream in streams:
             stream.closed = True
             error: TransportError
-            if protocol:
+            if cause is not None:
                 error = ProtocolError(reason)
+                error.__cause__ = cause
             else:
                 error = ConnectionLost(self._with_goaway(reason), self._goaway)
             self._fail(stream, error)
