@@ -31,7 +31,7 @@ import faust
 from pushstream import registry, retry, router, topics, web
 from pushstream.app import DEVICES_TABLE, Pipeline
 from pushstream.config import ConfigError, Settings, load_settings
-from pushstream.events import UserDevices, token_fingerprint
+from pushstream.events import PLATFORMS, UserDevices, token_fingerprint
 from pushstream.log import setup_from_settings as setup_logging
 from pushstream.log import shorten_token
 from pushstream.registry_rules import decode_state
@@ -64,6 +64,23 @@ def build_pipeline(settings: Settings) -> Pipeline:
         attach(pipeline)
     web.attach(pipeline)
     return pipeline
+
+
+async def check_credentials(settings: Settings) -> None:
+    """Load every configured provider credential; ConfigError names a bad one.
+
+    The sender agents load them again when they start, after the worker has
+    joined the consumer group; checking here first keeps a misconfigured
+    worker out of the group. Makes no request to a provider.
+    """
+    for platform in PLATFORMS:
+        if not getattr(settings, platform):
+            continue
+        client = runner.make_client(settings, platform)
+        try:
+            await client.start()
+        finally:
+            await client.aclose()
 
 
 async def check_topics(settings: Settings) -> None:
@@ -106,9 +123,9 @@ def run_worker(settings: Settings | None = None) -> NoReturn:
     setup_logging(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    # Credentials are loaded as the parts attach: a bad one stops the worker
-    # before it talks to Kafka.
+    # A bad credential stops the worker before it talks to Kafka.
     pipeline = build_pipeline(settings)
+    loop.run_until_complete(check_credentials(settings))
     loop.run_until_complete(check_topics(settings))
     log.info(
         "worker %s starting: kafka %s, topics %s*, %d partitions, data in %s",
