@@ -462,6 +462,23 @@ async def test_pool_backs_off_when_server_is_down(
     assert attempts == 2  # one immediate retry, then the backoff holds
 
 
+async def test_pool_close_fails_requests_waiting_for_a_connection(
+    client_context: ssl.SSLContext,
+) -> None:
+    """Shutting a sender down mid-connect cancels its caller instead of failing."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    pool = H2Pool("127.0.0.1", port, client_context)
+    try:
+        waiting = asyncio.create_task(pool.request("GET", "/"))
+        await until(lambda: pool.stats().connecting)
+        await pool.aclose()
+        with pytest.raises(ConnectError):
+            await asyncio.wait_for(waiting, GUARD)
+    finally:
+        silent.close()
+
+
 async def test_connect_requires_h2_alpn(
     serve: Serve, certs: SandboxCerts, client_context: ssl.SSLContext
 ) -> None:

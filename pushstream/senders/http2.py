@@ -1000,8 +1000,15 @@ class H2Pool:
                     f"after {self._failures} failed attempt(s)"
                 )
             self._begin_connect()
-        assert self._connecting is not None
-        await asyncio.shield(self._connecting)
+        task = self._connecting
+        assert task is not None
+        try:
+            await asyncio.shield(task)  # one caller giving up must not stop it
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise ConnectError(f"pool for {self._peer} is closed") from None
+            raise
         return self._pick()
 
     def _begin_connect(self) -> None:
