@@ -23,7 +23,7 @@ export PUSHSTREAM_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT)
 .PHONY: help venv lint format broker broker-down test demo bench clean
 
 help:
-	@echo "make demo         start a local Kafka broker, create pushstream's topics, show them"
+	@echo "make demo         the whole pipeline on a sample: broker, topics, sandbox, worker"
 	@echo "make test         lint, start a broker if none runs, run the whole test suite"
 	@echo "make venv         create .venv and install pushstream with its dev tools"
 	@echo "make lint         ruff check, ruff format --check, mypy"
@@ -70,10 +70,10 @@ test: venv lint
 	$(PUSHSTREAM) topics create; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Starts the broker (stopped again only if the demo started it), the sandbox
+# and a worker; publishes a sample; prints the outcomes, then one JSON line.
 demo: venv
-	$(PUSHSTREAM) kafka up
-	$(PUSHSTREAM) topics create
-	$(PUSHSTREAM) topics describe
+	$(PUSHSTREAM) demo $(DEMO_ARGS)
 
 bench: venv
 	@if [ -f bench/run.py ]; then \

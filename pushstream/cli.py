@@ -17,6 +17,7 @@ import click
 from pushstream import __version__, localkafka, topics, worker
 from pushstream import log as pushstream_log
 from pushstream.config import ConfigError, Settings, load_settings
+from pushstream.demo import demo_command
 from pushstream.sandbox.main import command as sandbox_command
 
 
@@ -245,6 +246,7 @@ def topics_schemas(write: bool, folder: Path | None) -> None:
 cli.add_command(worker.worker_command)
 cli.add_command(worker.devices_command)
 cli.add_command(sandbox_command)
+cli.add_command(demo_command)
 
 
 def main() -> None:
