@@ -1,0 +1,426 @@
+"""The sender agents end to end: a real worker, the real broker, the sandbox.
+
+Sends are published straight to the send topics, rendered by the providers'
+own render functions as the router would; outcomes are read back from the
+deliveries, retries, token-events and dead-letters topics, and compared with
+what the sandbox saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Kafka, run_sync
+from sandboxproc import SandboxProcess
+from workerproc import Message, WorkerProcess, read_all
+
+from pushstream.config import Settings
+from pushstream.events import Notification, Platform, Send
+from pushstream.senders import apns, fcm, wns
+from pushstream.senders.result import Target
+
+pytestmark = pytest.mark.kafka
+
+RENDER = {"apns": apns.render, "fcm": fcm.render, "wns": wns.render}
+APPS: dict[Platform, str] = {
+    "apns": "com.example.sandbox",
+    "fcm": "sandbox-project",
+    "wns": "Contoso.Sandbox",
+}
+WAIT_S = 90.0
+
+# Small numbers, so that retries, breakers and shutdowns happen quickly.
+WORKER_SETTINGS = {
+    "PUSHSTREAM_SEND_BATCH_SIZE": "10",
+    "PUSHSTREAM_MAX_IN_FLIGHT": "5",
+    "PUSHSTREAM_RETRY_BASE_S": "0.05",
+    "PUSHSTREAM_RETRY_MAX_S": "0.2",
+    "PUSHSTREAM_RETRY_MAX_ATTEMPTS": "3",
+    "PUSHSTREAM_BREAKER_FAILURES": "3",
+    "PUSHSTREAM_BREAKER_OPEN_S": "0.5",
+    "PUSHSTREAM_BREAKER_MAX_OPEN_S": "1",
+    "PUSHSTREAM_REQUEST_TIMEOUT_S": "3",
+    "PUSHSTREAM_SHUTDOWN_TIMEOUT_S": "10",
+}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def apns_token(scenario: str = "") -> str:
+    """A fresh 64-hex-digit token, starting with a sandbox scenario word."""
+    return (scenario.ljust(8, "0") if scenario else "") + uuid.uuid4().hex * 2
+
+
+def fcm_token(scenario: str = "ok") -> str:
+    return f"{scenario}-{uuid.uuid4().hex}"
+
+
+def make_send(
+    platform: Platform, token: str, *, user_id: str | None = "u-1", **fields: Any
+) -> Send:
+    """A send as the router would publish it, for a new notification."""
+    notification_id = f"n-{uuid.uuid4().hex[:12]}"
+    device_id = f"d-{uuid.uuid4().hex[:8]}"
+    app = APPS[platform]
+    n = Notification(id=notification_id, title="Hello", body="from the tests")
+    target = Target(platform=platform, token=token, app=app, device_id=device_id)
+    rendered = RENDER[platform](n, target, now_ms(), fields.get("expires_at_ms"))
+    return Send(
+        send_id=f"{notification_id}:{device_id}",
+        notification_id=notification_id,
+        user_id=user_id,
+        device_id=device_id,
+        platform=platform,
+        app=app,
+        token=token,
+        accepted_at_ms=now_ms(),
+        headers=rendered.headers,
+        body=rendered.body,
+        **fields,
+    )
+
+
+async def publish(kafka: Kafka, settings: Settings, *sends: Send) -> None:
+    for send in sends:
+        topic = settings.topic(f"sends.{send.platform}")
+        await kafka.produce(topic, [(send.send_id, send)])
+
+
+async def wait_for(
+    settings: Settings,
+    topic: str,
+    match: Callable[[list[Message]], bool],
+    *,
+    within: float = WAIT_S,
+) -> list[Message]:
+    """Read ``topic`` until ``match`` accepts its records; fail after ``within``."""
+    deadline = time.monotonic() + within
+    while True:
+        records = await read_all(settings, settings.topic(topic))
+        if match(records):
+            return records
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{topic}: no match within {within:.0f}s; got {records!r}"[:3000]
+            )
+        await asyncio.sleep(0.5)
+
+
+def outcomes(records: list[Message], sends: list[Send]) -> dict[str, list[Any]]:
+    """Each send's deliveries, by send id."""
+    wanted: dict[str, list[Any]] = {send.send_id: [] for send in sends}
+    for record in records:
+        if record.value.get("send_id") in wanted:
+            wanted[record.value["send_id"]].append(record.value)
+    return wanted
+
+
+async def deliveries_of(
+    settings: Settings, *sends: Send, exactly_once: bool = True
+) -> dict[str, Any]:
+    """Wait for a delivery of every send; return them by send id.
+
+    ``exactly_once`` also checks that no send has two.
+    """
+    wanted = list(sends)
+
+    def done(records: list[Message]) -> bool:
+        return all(outcomes(records, wanted).values())
+
+    records = await wait_for(settings, "deliveries", done)
+    found = outcomes(records, wanted)
+    if exactly_once:
+        assert all(len(d) == 1 for d in found.values()), found
+    return {send_id: d[0] for send_id, d in found.items()}
+
+
+# --- one sandbox and one worker for the module ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def shared(
+    kafka: Kafka, sandbox: SandboxProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Settings, WorkerProcess]]:
+    """A worker on its own topics, pointed at the sandbox."""
+    app_id = f"t-runner-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp("worker")
+    settings = Settings(
+        kafka_bootstrap=kafka.bootstrap,
+        topic_prefix=f"{app_id}.",
+        app_id=app_id,
+        data_dir=folder / "data",
+        partitions=2,
+        send_partitions=2,
+    )
+    run_sync(lambda: kafka.create_topics(settings))
+    env = worker_environment(settings, sandbox)
+    try:
+        with WorkerProcess(env, log_path=folder / "worker.log") as worker:
+            yield settings, worker
+    finally:
+        run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+
+
+def worker_environment(
+    settings: Settings, sandbox: SandboxProcess, **extra: str
+) -> dict[str, str]:
+    """A worker's environment: these settings, the sandbox, small limits."""
+    return {
+        **os.environ,
+        **sandbox.env,
+        **WORKER_SETTINGS,
+        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "PUSHSTREAM_APP_ID": settings.app_id,
+        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
+        "PUSHSTREAM_PARTITIONS": str(settings.partitions),
+        "PUSHSTREAM_SEND_PARTITIONS": str(settings.send_partitions),
+        **extra,
+    }
+
+
+@pytest.fixture
+def pipeline(
+    shared: tuple[Settings, WorkerProcess], sandbox: SandboxProcess
+) -> Settings:
+    """The shared worker's settings, with the sandbox reset for this test."""
+    sandbox.reset()
+    settings, worker = shared
+    assert worker.running, worker.log_tail()
+    return settings
+
+
+# --- outcomes -------------------------------------------------------------------------
+
+
+async def test_delivered_on_every_platform(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A push would not reach a device, or analytics would not hear of it."""
+    sends = [
+        make_send("apns", apns_token()),
+        make_send("fcm", fcm_token()),
+        make_send("wns", sandbox.wns_channel("Contoso.Sandbox")),
+    ]
+    await publish(kafka, pipeline, *sends)
+
+    found = await deliveries_of(pipeline, *sends)
+
+    for send in sends:
+        delivery = found[send.send_id]
+        assert (delivery["outcome"], delivery["status"], delivery["attempts"]) == (
+            "delivered",
+            200,
+            1,
+        )
+        assert delivery["provider_message_id"]
+        assert delivery["latency_ms"] >= 0
+        accepted = sandbox.accepted(send.platform)
+        assert [a["token"] for a in accepted] == [send.token]
+        assert accepted[0]["provider_id"] == delivery["provider_message_id"]
+
+
+async def test_retry_then_delivered(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A throttled push would be lost instead of sent again later."""
+    sandbox.scenario(platform="fcm", settings={"quota_failures": 2})
+    send = make_send("fcm", fcm_token("quota"))
+    await publish(kafka, pipeline, send)
+
+    found = await deliveries_of(pipeline, send)
+
+    delivery = found[send.send_id]
+    assert (delivery["outcome"], delivery["attempts"]) == ("delivered", 3)
+    retries = [
+        r.value
+        for r in await read_all(pipeline, pipeline.topic("retries"))
+        if r.key == send.send_id
+    ]
+    assert [(r["send"]["attempt"], r["status"]) for r in retries] == [
+        (1, 429),
+        (2, 429),
+    ]
+    assert sandbox.stats()["fcm"]["statuses"] == {"429": 2, "200": 1}
+
+
+async def test_retries_exhausted_fail_and_dead_letter(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A push that never gets through would be retried forever or vanish."""
+    send = make_send("apns", apns_token("f100d"))
+    await publish(kafka, pipeline, send)
+
+    found = await deliveries_of(pipeline, send)
+
+    delivery = found[send.send_id]
+    assert (delivery["outcome"], delivery["reason"], delivery["attempts"]) == (
+        "failed",
+        "retries_exhausted",
+        3,
+    )
+    assert sandbox.stats()["apns"]["statuses"] == {"429": 3}
+    letters = await wait_for(
+        pipeline, "dead-letters", lambda rs: any(r.key == send.send_id for r in rs)
+    )
+    letter = next(r.value for r in letters if r.key == send.send_id)
+    assert letter["source_topic"] == pipeline.topic("sends.apns")
+    assert "retries_exhausted" in letter["error"]
+    assert Send.model_validate_json(letter["value"]).send_id == send.send_id
+
+
+async def test_invalid_token_publishes_a_token_event(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A dead token would stay in the registry and be pushed to forever."""
+    send = make_send("apns", apns_token("dead"), user_id="u-dead")
+    await publish(kafka, pipeline, send)
+
+    found = await deliveries_of(pipeline, send)
+
+    delivery = found[send.send_id]
+    assert (delivery["outcome"], delivery["reason"], delivery["status"]) == (
+        "invalid_token",
+        "Unregistered",
+        410,
+    )
+    events = await wait_for(
+        pipeline,
+        "token-events",
+        lambda rs: any(r.value.get("token") == send.token for r in rs),
+    )
+    event = next(r for r in events if r.value.get("token") == send.token)
+    assert event.key == "u-dead"
+    assert (event.value["type"], event.value["device_id"]) == (
+        "invalidated",
+        send.device_id,
+    )
+    assert event.value["provider_time_ms"] > 0
+
+
+async def test_expired_send_makes_no_request(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A notification past its time to live would still buzz the phone."""
+    send = make_send("fcm", fcm_token(), expires_at_ms=now_ms() - 1000)
+    await publish(kafka, pipeline, send)
+
+    found = await deliveries_of(pipeline, send)
+
+    assert (found[send.send_id]["outcome"], found[send.send_id]["attempts"]) == (
+        "expired",
+        0,
+    )
+    assert sandbox.stats()["fcm"]["requests"] == 0
+
+
+async def test_bad_send_goes_to_dead_letters_and_the_stream_goes_on(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """One malformed message would stop every push of its platform."""
+    key = f"bad-{uuid.uuid4().hex[:8]}"
+    await kafka.produce(pipeline.topic("sends.wns"), [(key, b"{not json")])
+    send = make_send("wns", sandbox.wns_channel("Contoso.Sandbox"))
+    await publish(kafka, pipeline, send)
+
+    found = await deliveries_of(pipeline, send)
+
+    assert found[send.send_id]["outcome"] == "delivered"
+    letters = await wait_for(
+        pipeline, "dead-letters", lambda rs: any(r.key == key for r in rs)
+    )
+    letter = next(r.value for r in letters if r.key == key)
+    assert letter["stage"] == "sender.wns"
+    assert letter["error"].startswith("invalid send:")
+
+
+async def test_outage_pauses_one_platform_only_and_recovers(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A dead provider would be flooded, stall the others, or lose the backlog."""
+    sandbox.outage("apns", on=True, mode="503")
+    started = time.monotonic()
+    backlog = [make_send("apns", apns_token()) for _ in range(40)]
+    await publish(kafka, pipeline, *backlog)
+    await wait_for_requests(sandbox, "apns", 3)
+    others = [make_send("fcm", fcm_token()) for _ in range(5)]
+    await publish(kafka, pipeline, *others)
+
+    flowing = await deliveries_of(pipeline, *others)
+    during = sandbox.stats()["apns"]["requests"]
+    elapsed = time.monotonic() - started
+    sandbox.outage("apns", on=False)
+
+    assert all(d["outcome"] == "delivered" for d in flowing.values())
+    # The burst in flight when the breaker opened, plus one probe per interval.
+    limit = 5 + 3 + elapsed / 0.5 + 2
+    assert during <= limit < len(backlog) * 3
+    found = await deliveries_of(pipeline, *backlog)
+    assert {d["outcome"] for d in found.values()} == {"delivered"}
+    assert len(sandbox.accepted("apns")) == len(backlog)
+
+
+async def wait_for_requests(sandbox: SandboxProcess, platform: str, count: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while sandbox.stats()[platform]["requests"] < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{platform}: fewer than {count} requests within {WAIT_S}s")
+        await asyncio.sleep(0.2)
+
+
+# --- shutdown ------------------------------------------------------------------------
+
+
+async def test_sigterm_hands_back_held_work_and_loses_nothing(
+    kafka: Kafka,
+    settings: Settings,
+    sandbox: SandboxProcess,
+    tmp_path: Path,
+) -> None:
+    """Stopping a worker mid-outage would fail, hang, or drop queued pushes."""
+    sandbox.reset()
+    await kafka.create_topics(settings)
+    env = worker_environment(
+        settings,
+        sandbox,
+        PUSHSTREAM_REQUEST_TIMEOUT_S="60",
+        PUSHSTREAM_SHUTDOWN_TIMEOUT_S="4",
+    )
+    sandbox.outage("apns", on=True, mode="no-answer")
+    sandbox.scenario(platform="fcm", settings={"quota_failures": 1, "retry_after_s": 5})
+    held = [make_send("apns", apns_token()) for _ in range(12)]
+    retried = make_send("fcm", fcm_token("quota"))
+
+    with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
+        await publish(kafka, settings, *held, retried)
+        # A new APNs connection allows one stream until a push succeeds, and
+        # that one hangs: one request is in flight, the rest wait for it.
+        await wait_for_requests(sandbox, "apns", 1)
+        await wait_for(
+            settings, "retries", lambda rs: any(r.key == retried.send_id for r in rs)
+        )
+
+        assert worker.stop() == 0
+        sandbox.outage("apns", on=False)
+        assert "put back" in worker.log()
+
+        worker.start()
+        found = await deliveries_of(settings, *held, retried)
+
+    assert {d["outcome"] for d in found.values()} == {"delivered"}
+    assert {a["token"] for a in sandbox.accepted("apns")} == {s.token for s in held}
