@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 from pydantic import BaseModel
@@ -132,15 +132,20 @@ class Pipeline:
         """
         if name in self._tables:
             return self._tables[name]
-        table = self._tables[name] = self.app.Table(
-            name,
-            schema=raw_schema(),
-            key_type=bytes,
-            value_type=bytes,
-            partitions=self.settings.partitions,
-            options={**ROCKSDB_OPTIONS, **options.pop("options", {})},
-            **options,
+        # app.Table is typed as the TableT protocol; it builds a faust.Table.
+        table = cast(
+            "faust.Table[bytes, bytes]",
+            self.app.Table(
+                name,
+                schema=raw_schema(),
+                key_type=bytes,
+                value_type=bytes,
+                partitions=self.settings.partitions,
+                options={**ROCKSDB_OPTIONS, **options.pop("options", {})},
+                **options,
+            ),
         )
+        self._tables[name] = table
         return table
 
     @functools.cached_property
@@ -216,7 +221,7 @@ class Pipeline:
         return await self.publish(DEAD_LETTERS, key, letter)
 
     async def dead_letter_event(
-        self, event: faust.EventT, *, stage: str, error: str
+        self, event: faust.EventT[bytes], *, stage: str, error: str
     ) -> Any:
         """Dead-letter the Faust event being handled, naming where it came from."""
         message = event.message
