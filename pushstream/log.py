@@ -13,7 +13,9 @@ to metrics. Secrets never: settings hold them as ``SecretStr``, whose repr is
 
 The HTTP libraries (httpx, httpcore, h2, hpack) log request URLs and header
 blocks at DEBUG: an APNs URL holds a device token, a WNS URL is the channel
-itself, and headers carry bearer tokens. Their loggers are set to WARNING and
+itself, and headers carry bearer tokens. Faust's ``faust.topics`` logger
+prints the key and value of every record sent at DEBUG: sends, table
+changelogs and token claims hold tokens. These loggers are set to WARNING and
 the guard drops anything below WARNING from them even if someone turns their
 level down again (``-v`` included).
 """
@@ -34,8 +36,9 @@ from pushstream.config import ConfigError, Settings
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TOKEN_SHOWN = 8
 
-# Loggers that print request URLs or headers (tokens, channel URIs, bearers).
-GUARDED_LOGGERS = ("httpx", "httpcore", "h2", "hpack")
+# Loggers that print request URLs or headers (tokens, channel URIs, bearers),
+# and Faust's topic logger, which prints every record it sends at DEBUG.
+GUARDED_LOGGERS = ("httpx", "httpcore", "h2", "hpack", "faust.topics")
 # Loggers that are only noisy below WARNING: a line per fetch, per request.
 QUIET_LOGGERS = ("aiokafka", "aiohttp.access")
 
