@@ -1,0 +1,135 @@
+"""Logging setup: text or JSON lines, the guard on chatty loggers, short tokens."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from pushstream import log
+from pushstream.config import ConfigError, Settings
+
+TOKEN = "0123456789abcdef" * 4
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """Logging set up into a string; the root logger restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {n: logging.getLogger(n).level for n in log.GUARDED_LOGGERS}
+    out = io.StringIO()
+    try:
+        yield out
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)
+
+
+def test_shorten_token_keeps_eight_characters() -> None:
+    """A full device token in a log lets anyone who reads it push to the device."""
+    assert log.shorten_token(TOKEN) == "01234567…"
+    assert log.shorten_token("abc") == "abc…"
+
+
+@pytest.mark.parametrize(
+    "name", ["httpx", "httpcore.http2", "h2.connection", "hpack.hpack", "faust.topics"]
+)
+def test_guarded_loggers_stay_quiet_below_warning(
+    stream: io.StringIO, name: str
+) -> None:
+    """httpx prints the request URL, which holds the APNs token or WNS channel."""
+    log.setup(logging.DEBUG, stream=stream)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)  # someone turns it up again: the guard holds
+    logger.debug("HTTP Request: POST https://api.push.apple.com/3/device/%s", TOKEN)
+    logger.info("send: v=%s", TOKEN)
+    logger.warning("connection lost")
+    text = stream.getvalue()
+    assert TOKEN not in text
+    assert "connection lost" in text
+
+
+def test_other_loggers_pass_at_their_level(stream: io.StringIO) -> None:
+    """The guard must not swallow pushstream's own DEBUG lines when asked for."""
+    log.setup(logging.DEBUG, stream=stream)
+    logging.getLogger("pushstream.router").debug("notification %s routed", "n-1")
+    logging.getLogger("h2x").debug("not an HTTP library of ours")
+    text = stream.getvalue()
+    assert "notification n-1 routed" in text
+    assert "not an HTTP library of ours" in text
+
+
+def test_json_lines_carry_level_logger_message_and_exception(
+    stream: io.StringIO,
+) -> None:
+    """A log pipeline set to JSON would drop lines it cannot parse."""
+    log.setup(logging.INFO, json_lines=True, stream=stream)
+    logger = logging.getLogger("pushstream.test")
+    logger.info("partitions assigned: %d", 4, extra={"worker": "w-1"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("agent died")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["level"] == "INFO"
+    assert first["logger"] == "pushstream.test"
+    assert first["message"] == "partitions assigned: 4"
+    assert first["worker"] == "w-1"
+    assert first["time"].endswith("+00:00")
+    assert second["level"] == "ERROR"
+    assert "ValueError: boom" in second["exception"]
+
+
+def test_setup_twice_prints_each_line_once(stream: io.StringIO) -> None:
+    """The CLI sets logging up, then the worker again with its settings."""
+    log.setup(logging.INFO, stream=stream)
+    log.setup(logging.INFO, stream=stream)
+    logging.getLogger("pushstream.test").info("once")
+    assert stream.getvalue().count("once") == 1
+
+
+def test_setup_keeps_a_capture_handler() -> None:
+    """Replacing every root handler would blind log capture in tests and tools."""
+    root = logging.getLogger()
+    capture = logging.Handler()
+    root.addHandler(capture)
+    try:
+        log.setup(logging.INFO, stream=io.StringIO())
+        assert capture in root.handlers
+    finally:
+        root.removeHandler(capture)
+        for handler in list(root.handlers):
+            if getattr(handler, "_pushstream_handler", False):
+                root.removeHandler(handler)
+
+
+def test_unknown_log_level_names_the_setting(stream: io.StringIO) -> None:
+    """A typo in the level would otherwise crash the worker with a bare traceback."""
+    with pytest.raises(ConfigError, match="PUSHSTREAM_LOG_LEVEL"):
+        log.setup_from_settings(Settings(log_level="verbose"))
+
+
+def test_log_json_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox and the CLI must read PUSHSTREAM_LOG_JSON as the worker does."""
+    for text, expected in [("true", True), ("1", True), ("no", False), ("x", False)]:
+        monkeypatch.setenv("PUSHSTREAM_LOG_JSON", text)
+        assert log.json_from_env() is expected
+    monkeypatch.delenv("PUSHSTREAM_LOG_JSON")
+    assert log.json_from_env() is False
+
+
+def test_secret_settings_do_not_print() -> None:
+    """A settings object logged or shown in a traceback must not reveal secrets."""
+    settings = Settings(kafka_sasl_password="hunter2-secret")
+    assert "hunter2-secret" not in repr(settings)
+    assert "hunter2-secret" not in str(settings)
