@@ -281,6 +281,7 @@ class _Item:
 class _Answer:
     result: SendResult
     sent_at_ms: int
+    done_at_ms: int
 
 
 class PlatformSender:
@@ -308,8 +309,8 @@ class PlatformSender:
         settings = self._settings
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         self._released = self.release.new_event()
-        await self.client.start()
         try:
+            await self.client.start()
             async with self.release.watching():
                 batches = stream.noack_take(
                     settings.send_batch_size, within=settings.send_batch_within_s
@@ -382,7 +383,6 @@ class PlatformSender:
         await self._wait_or_abandon(tasks)
 
         held = []
-        now = pipeline_app.now_ms()
         for item, task in zip(items, tasks, strict=True):
             answer = None if task.cancelled() else task.result()
             if answer is None:
@@ -393,7 +393,7 @@ class PlatformSender:
                 answer.result,
                 settings=self._settings,
                 sent_at_ms=answer.sent_at_ms,
-                now_ms=now,
+                now_ms=answer.done_at_ms,
                 jitter=retry.jitter(),
             )
             published.extend(await self._publish(item, settled))
@@ -456,12 +456,13 @@ class PlatformSender:
                 )
                 if probe:
                     self.breaker.cancel_probe()
-                return _Answer(SendResult("retry", CLIENT_ERROR), sent_at)
+                result = SendResult("retry", CLIENT_ERROR)
+                return _Answer(result, sent_at, pipeline_app.now_ms())
 
         self.breaker.record(result)
         if is_outage(result) and self.breaker.state != "closed":
             return None
-        return _Answer(result, sent_at)
+        return _Answer(result, sent_at, pipeline_app.now_ms())
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._in_flight is None:
