@@ -424,3 +424,34 @@ async def test_sigterm_hands_back_held_work_and_loses_nothing(
 
     assert {d["outcome"] for d in found.values()} == {"delivered"}
     assert {a["token"] for a in sandbox.accepted("apns")} == {s.token for s in held}
+
+
+async def test_killed_worker_loses_nothing(
+    kafka: Kafka,
+    settings: Settings,
+    sandbox: SandboxProcess,
+    tmp_path: Path,
+) -> None:
+    """A worker killed mid-batch would lose the pushes and retries it held."""
+    sandbox.reset()
+    await kafka.create_topics(settings)
+    env = worker_environment(settings, sandbox, PUSHSTREAM_REQUEST_TIMEOUT_S="60")
+    sandbox.outage("apns", on=True, mode="no-answer")
+    sandbox.scenario(platform="fcm", settings={"quota_failures": 1, "retry_after_s": 5})
+    held = [make_send("apns", apns_token()) for _ in range(6)]
+    retried = make_send("fcm", fcm_token("quota"))
+
+    with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
+        await publish(kafka, settings, *held, retried)
+        await wait_for_requests(sandbox, "apns", 1)
+        await wait_for(
+            settings, "retries", lambda rs: any(r.key == retried.send_id for r in rs)
+        )
+
+        worker.kill()
+        sandbox.outage("apns", on=False)
+        worker.start()
+        found = await deliveries_of(settings, *held, retried, exactly_once=False)
+
+    assert {d["outcome"] for d in found.values()} == {"delivered"}
+    assert {a["token"] for a in sandbox.accepted("apns")} == {s.token for s in held}
