@@ -20,11 +20,12 @@ PUSHSTREAM := $(BIN)/pushstream
 export PUSHSTREAM_KAFKA_PORT ?= 9092
 export PUSHSTREAM_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT)
 
-.PHONY: help venv lint format broker broker-down test demo bench clean
+.PHONY: help venv lint format broker broker-down test deploy-check demo bench clean
 
 help:
 	@echo "make demo         the whole pipeline on a sample: broker, topics, sandbox, worker"
 	@echo "make test         lint, start a broker if none runs, run the whole test suite"
+	@echo "make deploy-check helm lint the chart, validate docker-compose.yml (builds helm)"
 	@echo "make venv         create .venv and install pushstream with its dev tools"
 	@echo "make lint         ruff check, ruff format --check, mypy"
 	@echo "make format       ruff format and ruff check --fix"
@@ -61,7 +62,7 @@ broker-down: venv
 
 # Starts a broker only if none answers on the port, and stops the broker it
 # started however the run ends; the exit code is pytest's (or the first failure's).
-test: venv lint
+test: venv lint deploy-check
 	@if ! $(PUSHSTREAM) kafka status; then \
 		trap '$(PUSHSTREAM) kafka down' EXIT; \
 		$(PUSHSTREAM) kafka up; \
@@ -69,6 +70,22 @@ test: venv lint
 	$(PUSHSTREAM) topics schemas; \
 	$(PUSHSTREAM) topics create; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# helm is built from its Go module once, into .cache/bin (a few minutes; needs
+# Go). tests/test_deploy.py renders the chart with it and validates the result
+# against the Kubernetes schemas; this target runs the quick checks.
+HELM := .cache/bin/helm
+HELM_VERSION := v3.22.0
+
+$(HELM):
+	@command -v go >/dev/null || { echo "building helm needs Go on PATH" >&2; exit 1; }
+	GOBIN=$(abspath .cache/bin) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+deploy-check: venv $(HELM)
+	$(HELM) lint --strict helm/pushstream
+	$(HELM) lint --strict helm/pushstream --set storage.mode=deployment \
+		--set serviceMonitor.enabled=true
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 # Starts the broker (stopped again only if the demo started it), the sandbox
 # and a worker; publishes a sample; prints the outcomes, then one JSON line.

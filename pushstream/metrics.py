@@ -37,7 +37,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pushstream import __version__
@@ -372,11 +372,12 @@ class _WorkerCollector(Collector):
             "Topic partitions assigned to this worker (changelogs included).",
             [((), float(state.assigned()))],
         )
-        yield _gauge(
+        rebalances = CounterMetricFamily(
             "pushstream_rebalances",
             "Rebalances this worker took part in since it started.",
-            [((), float(state.rebalances()))],
         )
+        rebalances.add_metric([], float(state.rebalances()))
+        yield rebalances
         yield _gauge(
             "pushstream_consumer_lag_records",
             "Records in this worker's partitions not yet committed, per topic: "
