@@ -304,3 +304,16 @@ def test_worker_refuses_to_start_naming_the_broken_setting(
     # message would be about the connection instead.
     assert "Traceback" not in result.stderr
     assert "kafka" not in message.lower()
+
+
+def test_topics_doc_lists_every_topic_and_delivery_field() -> None:
+    """An analytics team reading docs/topics.md would miss a topic or a field."""
+    from pushstream.events import Delivery
+
+    text = (ROOT / "docs" / "topics.md").read_text()
+    for spec in topics.TOPICS:
+        assert f"| `{spec.name}` | {spec.key}" in text, spec.name
+        assert f"`topics/{spec.name}.json`" in text, spec.name
+        assert (ROOT / "topics" / f"{spec.name}.json").is_file()
+    for name in Delivery.model_fields:
+        assert f"| `{name}` |" in text, f"deliveries field {name}"
