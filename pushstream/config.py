@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     app_id: str = "pushstream"
     data_dir: Path = Path(".cache/worker")
     web_host: str = "127.0.0.1"
-    web_port: int = 6066
+    web_port: int = Field(default=6066, ge=1, le=65535)
     log_level: str = "INFO"
     log_json: bool = False
     shutdown_timeout_s: float = Field(default=20.0, gt=0)

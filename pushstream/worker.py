@@ -124,6 +124,7 @@ def run_worker(settings: Settings | None = None) -> NoReturn:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     # A bad credential stops the worker before it talks to Kafka.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(settings)
     loop.run_until_complete(check_credentials(settings))
     loop.run_until_complete(check_topics(settings))

@@ -667,7 +667,7 @@ class FcmClient:
             raise RuntimeError("FcmClient.send() before start()")
         project = self._projects.get(send.app)
         if project is None:
-            return SendResult("failed", "FCM project not configured")
+            return SendResult("failed", "not_configured: no such FCM project")
         body = send.body
         if send.attempt > 1 and send.expires_at_ms is not None:
             body = refresh_ttl(body, time.time_ns() // 1_000_000, send.expires_at_ms)
