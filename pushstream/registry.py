@@ -67,6 +67,10 @@ from pushstream.registry_rules import (
 
 log = logging.getLogger(__name__)
 
+# TODO: the owners table keeps an entry for every token ever registered, also
+# for tokens no user holds any more (unregistered, replaced, retired). Dropping
+# those needs a "let go" message on token-owners that names the user, so that
+# it cannot remove a newer owner's entry; TokenClaim has no such form yet.
 OWNERS_TABLE = "owners"
 STAGE = "registry"
 # The sweep yields to the event loop after this many users.
