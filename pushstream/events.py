@@ -164,8 +164,30 @@ class Unregister(_Input):
         return self
 
 
+class Sweep(_Input):
+    """Retire this user's devices last seen before ``cutoff_ms``.
+
+    The worker's periodic sweep publishes these for itself, so that the
+    change is made on the user's own partition like any registration.
+    """
+
+    type: Literal["sweep"]
+    user_id: UserId
+    cutoff_ms: int = Field(description="Devices last seen before this are retired.")
+    at_ms: int
+
+
 Registration = Annotated[Register | Unregister, Field(discriminator="type")]
 REGISTRATION: TypeAdapter[Register | Unregister] = TypeAdapter(Registration)
+"""What upstream services publish on registrations."""
+
+RegistrationsRecord = Annotated[
+    Register | Unregister | Sweep, Field(discriminator="type")
+]
+REGISTRATIONS_RECORD: TypeAdapter[Register | Unregister | Sweep] = TypeAdapter(
+    RegistrationsRecord
+)
+"""Everything the registrations topic carries: upstream's events and sweeps."""
 
 
 # --- the devices table (key: user id) ---------------------------------------------
@@ -182,7 +204,10 @@ class Device(_Output):
     state: Literal["active", "invalid"] = "active"
     registered_at_ms: int = Field(description="When this token was first registered.")
     last_seen_ms: int = Field(description="Latest register event time for it.")
-    updated_at_ms: int = Field(description="Event time of the last change applied.")
+    updated_at_ms: int = Field(
+        description="Event time of the last registration or removal applied "
+        "(an invalidation does not move it)."
+    )
     invalid_reason: str | None = None
     invalidated_at_ms: int | None = None
     locale: str | None = None

@@ -39,6 +39,7 @@ from pushstream.app import (
 )
 from pushstream.events import (
     Register,
+    Sweep,
     TokenClaim,
     TokenEvent,
     Unregister,
@@ -52,7 +53,6 @@ from pushstream.registry_rules import (
     Owner,
     Refused,
     Rules,
-    Sweep,
     decode_state,
     encode_state,
     invalidate,

@@ -47,15 +47,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict
 
 from pushstream.config import Settings
 from pushstream.events import (
     APNS_TOKEN_RE,
+    REGISTRATIONS_RECORD,
     Device,
     Register,
+    Sweep,
     TokenClaim,
     TokenEvent,
     TokenEventType,
@@ -80,17 +82,6 @@ class Refused(ValueError):
     """An event the registry will not apply; it goes to dead-letters."""
 
 
-class Sweep(BaseModel):
-    """Internal instruction on the registrations topic: retire stale devices."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["sweep"]
-    user_id: str
-    cutoff_ms: int = Field(description="Devices last seen before this are retired.")
-    at_ms: int
-
-
 class Owner(BaseModel):
     """The value of the owners table: who registered a token last."""
 
@@ -101,8 +92,7 @@ class Owner(BaseModel):
     event_time_ms: int
 
 
-RegistryInput = Annotated[Register | Unregister | Sweep, Field(discriminator="type")]
-REGISTRY_INPUT: TypeAdapter[Register | Unregister | Sweep] = TypeAdapter(RegistryInput)
+REGISTRY_INPUT = REGISTRATIONS_RECORD
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,9 @@ class TopicSpec:
 
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(REGISTRATIONS, "user id", "partitions", 7 * DAY_MS, events.REGISTRATION),
+    TopicSpec(
+        REGISTRATIONS, "user id", "partitions", 7 * DAY_MS, events.REGISTRATIONS_RECORD
+    ),
     TopicSpec(NOTIFICATIONS, "user id", "partitions", 7 * DAY_MS, events.Notification),
     TopicSpec(TOKEN_EVENTS, "user id", "partitions", 7 * DAY_MS, events.TokenEvent),
     TopicSpec(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pushstream.events import (
     Platform,
     Register,
+    Sweep,
     TokenClaim,
     TokenEvent,
     Unregister,
@@ -28,7 +29,6 @@ from pushstream.registry_rules import (
     Owner,
     Refused,
     Rules,
-    Sweep,
     decode_state,
     encode_state,
     invalidate,
