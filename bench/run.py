@@ -126,8 +126,15 @@ def apns_request(env: dict[str, str], issued_at: float) -> tuple[ApnsApp, str, S
 
 def h2load(
     sandbox: localstack.SandboxChild, args: argparse.Namespace, issued_at: float
-) -> tuple[float, str]:
-    """h2load against the sandbox's APNs endpoint: (requests/s, description)."""
+) -> tuple[float, str] | None:
+    """h2load against the sandbox's APNs endpoint: (requests/s, description).
+
+    APNs, and the sandbox, open a connection at one concurrent stream and
+    refuse the streams over it until the first request is answered; h2load
+    sends its first streams before it reads that setting and sometimes gives
+    the connection up. So a run where fewer than 90 % of the requests were
+    answered 200 is made again, three times at most; None after that.
+    """
     _, jwt, send = apns_request(sandbox.worker_env, issued_at)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body:
         body.write(send.body)
@@ -142,20 +149,21 @@ def h2load(
         f"https://127.0.0.1:{sandbox.ports['apns']}/3/device/{TOKEN}",
     ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        for _ in range(3):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            took = re.search(r"finished in ([\d.]+)(m?s),", done.stdout)
+            codes = re.search(r"status codes: (\d+) 2xx", done.stdout)
+            ok = int(codes.group(1)) if codes else 0
+            if took and ok >= 0.9 * args.h2load:
+                seconds = float(took.group(1)) / (1000 if took.group(2) == "ms" else 1)
+                what = (
+                    f"h2load, {args.h2load_connections} connection(s) x "
+                    f"{args.h2load_streams} streams, {ok} of {args.h2load} answered 200"
+                )
+                return ok / seconds, what
     finally:
         Path(body.name).unlink()
-    took = re.search(r"finished in ([\d.]+)(m?s),", done.stdout)
-    codes = re.search(r"status codes: (\d+) 2xx", done.stdout)
-    ok = int(codes.group(1)) if codes else 0
-    if not took or not ok:
-        raise RuntimeError(f"h2load failed:\n{done.stdout}\n{done.stderr}")
-    seconds = float(took.group(1)) / (1000 if took.group(2) == "ms" else 1)
-    what = (
-        f"h2load, {args.h2load_connections} connection(s) x {args.h2load_streams} "
-        f"streams, {ok} of {args.h2load} answered 200"
-    )
-    return ok / seconds, what
+    return None
 
 
 async def own_h2_loop(
@@ -186,9 +194,8 @@ async def own_h2_loop(
         await asyncio.gather(*(loop() for _ in range(in_flight)))
         elapsed = time.perf_counter() - began
     what = (
-        "h2load is not installed (apt-get install nghttp2-client): measured with "
-        f"pushstream's own APNs client instead, {in_flight} in flight, {dict(outcomes)}"
-        " -- a lower bound of the sandbox's limit, since the client's own CPU counts"
+        f"pushstream's own APNs client, {in_flight} in flight, {dict(outcomes)}; a "
+        "lower bound of the sandbox's limit, since the client's CPU counts too"
     )
     return outcomes["delivered"] / elapsed, what
 
@@ -403,10 +410,16 @@ async def full_run(
 
     h2_rate, h2_what = 0.0, "skipped"
     if args.h2load:
+        measured = None
+        why = "h2load is not installed (apt-get install nghttp2-client)"
         if shutil.which("h2load"):
-            h2_rate, h2_what = await asyncio.to_thread(h2load, sandbox, args, issued_at)
-        else:
+            measured = await asyncio.to_thread(h2load, sandbox, args, issued_at)
+            why = "h2load failed three times"
+        if measured is None:
             h2_rate, h2_what = await own_h2_loop(sandbox, args, issued_at)
+            h2_what = f"{why}: {h2_what}"
+        else:
+            h2_rate, h2_what = measured
     await sandbox.stop()
 
     pt_rate = 0.0
