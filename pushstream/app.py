@@ -15,17 +15,19 @@ inside the sender agents.
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import functools
+import logging
 import time
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import faust
 from pydantic import BaseModel
 
-from pushstream import metrics
+from pushstream import deadletter, metrics
 from pushstream.config import Settings
-from pushstream.events import DeadLetter
+
+log = logging.getLogger(__name__)
 
 # Names of pushstream's topics, before the configured prefix.
 REGISTRATIONS = "registrations"
@@ -67,14 +69,8 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _text(data: bytes | None) -> tuple[str | None, str]:
-    """Bytes as UTF-8 text when they are, else as base64, with the encoding used."""
-    if data is None:
-        return None, "utf-8"
-    try:
-        return data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        return base64.b64encode(data).decode("ascii"), "base64"
+class DeadLetterError(Exception):
+    """A dead letter could not be written; the worker stops so as not to lose it."""
 
 
 class Pipeline:
@@ -202,38 +198,71 @@ class Pipeline:
         partition: int | None = None,
         offset: int | None = None,
     ) -> Any:
-        """Keep input that could not be handled, with the reason, and move on."""
-        key_text, key_encoding = _text(key)
-        value_text, value_encoding = _text(value)
-        letter = DeadLetter(
+        """Keep input that could not be handled, with the reason, and move on.
+
+        The key and value are cut to what fits in one record
+        (:mod:`pushstream.deadletter`). Returns the publish future.
+        """
+        record_key, letter = deadletter.build(
+            stage=stage,
+            error=error,
             source_topic=source_topic,
+            key=key,
+            value=value,
             partition=partition,
             offset=offset,
-            key=key_text,
-            key_encoding=key_encoding,  # type: ignore[arg-type]  # checked by _text
-            value=value_text,
-            value_encoding=value_encoding,  # type: ignore[arg-type]  # checked by _text
-            error=error,
-            stage=stage,
             at_ms=now_ms(),
         )
         metrics.dead_letter(source_topic, stage)
-        return await self.publish(DEAD_LETTERS, key, letter)
+        return await self.publish(DEAD_LETTERS, record_key, letter)
 
     async def dead_letter_event(
         self, event: faust.EventT[bytes], *, stage: str, error: str
     ) -> Any:
-        """Dead-letter the Faust event being handled, naming where it came from."""
+        """Dead-letter the event being handled, and wait until Kafka has it.
+
+        Returns the completed publish future, so callers may gather it with
+        what else they published. When the dead letter cannot be written
+        (the broker refuses it, or does not answer within the producer's
+        timeout), the event is never acknowledged, so its offset is never
+        committed; the worker stops with an error, and the event is read
+        again after a restart. Skipping it would lose it without a trace.
+        This call then waits until the stopping worker cancels the agent.
+        """
         message = event.message
-        return await self.dead_letter(
-            stage=stage,
-            error=error,
-            source_topic=message.topic,
-            key=message.key,
-            value=message.value,
-            partition=message.partition,
-            offset=message.offset,
+        try:
+            future = await self.dead_letter(
+                stage=stage,
+                error=error,
+                source_topic=message.topic,
+                key=message.key,
+                value=message.value,
+                partition=message.partition,
+                offset=message.offset,
+            )
+            await future
+        except Exception as exc:
+            failure = DeadLetterError(
+                f"the dead letter of {message.topic}[{message.partition}]"
+                f"@{message.offset} was not written ({type(exc).__name__}: {exc})"
+            )
+        else:
+            return future
+        await self._hold_and_stop(message, failure)
+
+    async def _hold_and_stop(self, message: Any, failure: DeadLetterError) -> NoReturn:
+        # One more reference than the streams hold: their acks never reach
+        # zero, so the consumer never commits this offset, nor any after it.
+        message.incref()
+        log.error(
+            "%s; stopping the worker, which reads it again after a restart", failure
         )
+        # From a new task: the agent may be handling the refused input's
+        # exception, whose text (pydantic's) quotes the input.
+        stopping = asyncio.get_running_loop().create_task(self.app.crash(failure))
+        await asyncio.Event().wait()
+        del stopping
+        raise AssertionError("unreachable: the worker cancels its agents")
 
 
 def kafka_credentials(settings: Settings) -> Any:

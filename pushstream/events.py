@@ -535,15 +535,32 @@ class RetryRequest(_Output):
 
 
 class DeadLetter(_Output):
-    """Input that could not be decoded, validated or sent, kept for operators."""
+    """Input that could not be decoded, validated or sent, kept for operators.
+
+    The key and value are kept whole up to 16 KiB and 256 KiB of the original;
+    a longer one is cut, with ``key_truncated`` / ``value_truncated`` set, so
+    that the dead letter always fits in one Kafka record.
+    """
 
     source_topic: str
     partition: int | None = None
     offset: int | None = None
     key: str | None = None
     key_encoding: Literal["utf-8", "base64"] = "utf-8"
+    key_truncated: bool = Field(
+        default=False, description="Only the start of the key is kept."
+    )
+    key_size: int | None = Field(
+        default=None, description="The original key's size in bytes."
+    )
     value: str | None = None
     value_encoding: Literal["utf-8", "base64"] = "utf-8"
+    value_truncated: bool = Field(
+        default=False, description="Only the start of the value is kept."
+    )
+    value_size: int | None = Field(
+        default=None, description="The original value's size in bytes."
+    )
     error: str = Field(description="A readable reason.")
     stage: str = Field(description="Which part of pushstream refused it.")
     at_ms: int

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -53,7 +54,14 @@ def shorten_token(token: str) -> str:
 
 
 class GuardFilter(logging.Filter):
-    """Drops records below WARNING from the guarded loggers and their children."""
+    """Drops records below WARNING from the guarded loggers and their children,
+    and hides the input that pydantic quotes in its errors.
+
+    A ``ValidationError``'s text repeats part of the input it refused
+    (``input_value='...'``), which may hold a token: wherever one reaches a
+    log line, in the message or in a traceback (also as the context of
+    another exception), the quoted input is replaced by ``<hidden>``.
+    """
 
     def __init__(self, names: tuple[str, ...] = GUARDED_LOGGERS) -> None:
         super().__init__()
@@ -61,10 +69,34 @@ class GuardFilter(logging.Filter):
         self._prefixes = tuple(name + "." for name in names)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        name = record.name
-        return not (name in self._names or name.startswith(self._prefixes))
+        if record.levelno < logging.WARNING:
+            name = record.name
+            if name in self._names or name.startswith(self._prefixes):
+                return False
+        hide_input(record)
+        return True
+
+
+_INPUT_VALUE = re.compile(r"input_value=.*(, input_type=[\w.]+\])|input_value=.*")
+_EXCEPTION_TEXT = logging.Formatter()
+
+
+def hide_input(record: logging.LogRecord) -> None:
+    """Replace pydantic's quotes of the input in a record's message and traceback."""
+    if record.args or "input_value=" in str(record.msg):
+        message = record.getMessage()
+        if "input_value=" in message:
+            record.msg, record.args = _hidden(message), None
+    # Another handler may have formatted the traceback already.
+    text = record.exc_text
+    if not text and record.exc_info:
+        text = _EXCEPTION_TEXT.formatException(record.exc_info)
+    if text:
+        record.exc_text = _hidden(text) if "input_value=" in text else text
+
+
+def _hidden(text: str) -> str:
+    return _INPUT_VALUE.sub(lambda m: "input_value=<hidden>" + (m[1] or ""), text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -79,7 +111,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)

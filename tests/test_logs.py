@@ -133,3 +133,27 @@ def test_secret_settings_do_not_print() -> None:
     settings = Settings(kafka_sasl_password="hunter2-secret")
     assert "hunter2-secret" not in repr(settings)
     assert "hunter2-secret" not in str(settings)
+
+
+def test_pydantic_input_is_hidden_in_messages_and_tracebacks(
+    stream: io.StringIO,
+) -> None:
+    """A refused event's token would reach the log through pydantic's error text."""
+    from pydantic import BaseModel, ValidationError
+
+    class Register(BaseModel):
+        token: int
+
+    log.setup(logging.INFO, stream=stream)
+    logger = logging.getLogger("pushstream.test")
+    try:
+        Register(token=TOKEN)  # type: ignore[arg-type]  # refused on purpose
+    except ValidationError as refused:
+        try:
+            raise RuntimeError("the dead letter was not written")
+        except RuntimeError:
+            logger.exception("agent crashed: %r", refused)
+    text = stream.getvalue()
+    assert TOKEN[:12] not in text
+    assert "input_value=<hidden>, input_type=str]" in text
+    assert "the dead letter was not written" in text
