@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    field_validator,
     model_validator,
 )
 
@@ -96,6 +97,93 @@ def device_id_for_token(token: str) -> str:
 def to_ms(moment: datetime) -> int:
     """Milliseconds since the epoch of an aware datetime."""
     return int(moment.timestamp() * 1000)
+
+
+# Request headers a notification may add (APNs headers, FCM's apns and
+# webpush header blocks) go onto an HTTP/2 connection as written, and one
+# that breaks HTTP/2's field rules makes the provider close the connection
+# with every request on it. RFC 9113 8.2.1: a name is a token (RFC 9110
+# 5.6.2), sent in lower case; a value holds no NUL, CR or LF and does not
+# start or end with a space or tab. Values are kept to visible ASCII too:
+# APNs defines none that needs more.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_VALUE_RE = re.compile(r"^(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?$")
+HEADER_NAME_MAX = 64
+HEADER_VALUE_MAX = 4096
+
+# RFC 9113 8.2.2: connection-specific fields are malformed in HTTP/2.
+CONNECTION_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+# Headers that only the sender sets: credentials and framing.
+SENDER_HEADERS = frozenset({"authorization", "host", "content-length", "te"})
+# apns-topic names the app the push is for; the device's own app sets it. A
+# provider key is team-wide: an override could push to another of its apps.
+APNS_SENDER_HEADERS = SENDER_HEADERS | {"apns-topic"}
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Say why a request header may not go on the wire, or None when it may.
+
+    Names are compared in lower case, as HTTP/2 sends them.
+    """
+    if name.startswith(":"):
+        return "a pseudo-header is set by the sender"
+    if len(name) > HEADER_NAME_MAX or not _HEADER_NAME_RE.match(name):
+        return (
+            f"a header name is 1 to {HEADER_NAME_MAX} ASCII letters, digits "
+            "or !#$%&'*+-.^_`|~"
+        )
+    if name.lower() in CONNECTION_HEADERS:
+        return "a connection-specific header is not allowed in HTTP/2"
+    if len(value) > HEADER_VALUE_MAX or not _HEADER_VALUE_RE.match(value):
+        return (
+            f"a header value is at most {HEADER_VALUE_MAX} visible ASCII "
+            "characters (no control characters, no leading or trailing space)"
+        )
+    return None
+
+
+def headers_problem(headers: dict[str, str], reserved: frozenset[str]) -> str | None:
+    """The first reason ``headers`` may not be added to a request, or None.
+
+    ``reserved`` names (lower case) the headers only the sender sets. A name
+    given twice in different cases is refused too: the provider would see
+    both.
+    """
+    seen: set[str] = set()
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        lower = name.lower()
+        if problem is None and lower in reserved:
+            problem = "only pushstream sets this header"
+        if problem is None and lower in seen:
+            problem = "given twice (header names ignore case)"
+        if problem is not None:
+            return f"header {_shown(name)}: {problem}"
+        seen.add(lower)
+    return None
+
+
+def fcm_headers_problem(headers: object) -> str | None:
+    """Why the ``headers`` of an FCM ``apns`` or ``webpush`` block are refused.
+
+    None when they are absent or fine; a null value (which removes a built
+    header) is allowed.
+    """
+    if headers is None:
+        return None
+    if not isinstance(headers, dict) or not all(
+        isinstance(v, str | None) for v in headers.values()
+    ):
+        return "headers is an object of strings"
+    given = {k: v for k, v in headers.items() if v is not None}
+    return headers_problem(given, SENDER_HEADERS)
+
+
+def _shown(name: str) -> str:
+    """A header name for an error message: escaped and cut short."""
+    return repr(name[:HEADER_NAME_MAX])
 
 
 class _Input(BaseModel):
@@ -262,11 +350,24 @@ class ApnsOverrides(_Input):
         ]
         | None
     ) = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra APNs request headers (apns-collapse-id, apns-priority, "
+        "...): valid HTTP/2 fields; authorization, apns-topic, host, "
+        "content-length and pseudo-headers are refused.",
+    )
     payload: dict[str, Any] = Field(
         default_factory=dict,
         description="Top-level keys; an 'aps' object is merged into the built one.",
     )
+
+    @field_validator("headers")
+    @classmethod
+    def _legal_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        problem = headers_problem(headers, APNS_SENDER_HEADERS)
+        if problem:
+            raise ValueError(problem)
+        return headers
 
 
 class FcmOverrides(_Input):
@@ -276,6 +377,15 @@ class FcmOverrides(_Input):
     apns: dict[str, Any] | None = None
     webpush: dict[str, Any] | None = None
     fcm_options: dict[str, Any] | None = None
+
+    @field_validator("apns", "webpush")
+    @classmethod
+    def _legal_headers(cls, block: dict[str, Any] | None) -> dict[str, Any] | None:
+        # FCM hands these headers on to APNs and to web push services.
+        problem = fcm_headers_problem((block or {}).get("headers"))
+        if problem:
+            raise ValueError(problem)
+        return block
 
 
 class WnsOverrides(_Input):
@@ -454,7 +564,8 @@ class Delivery(_Output):
         "provider says the token is dead. failed: the provider refused it, or "
         "retries ran out. expired: its expiry passed before it could be sent. "
         "dropped: nothing to send to (reason no_devices or filtered). rejected: "
-        "pushstream would not send it (payload_too_large, render_failed). "
+        "pushstream would not send it (payload_too_large, invalid_header, "
+        "render_failed). "
         "duplicate: this notification id was already sent to this device."
     )
     reason: str = Field(description="Why; a provider reason or pushstream's own.")

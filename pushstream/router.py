@@ -31,6 +31,9 @@ dropped       filtered              devices exist, the filters exclude all of
                                     them; one per notification
 rejected      payload_too_large     the rendered body is over the provider's
                                     limit; one per device
+rejected      invalid_header        a header the notification adds breaks
+                                    HTTP/2's field rules or is one only the
+                                    sender sets; one per device
 rejected      render_failed         the platform's renderer raised; one per
                                     device (a bug, logged once)
 duplicate     already_sent          this notification id was already sent to
@@ -95,6 +98,7 @@ EXPIRED = "expired"
 NO_DEVICES = "no_devices"
 FILTERED = "filtered"
 PAYLOAD_TOO_LARGE = "payload_too_large"
+INVALID_HEADER = "invalid_header"
 RENDER_FAILED = "render_failed"
 ALREADY_SENT = "already_sent"
 
@@ -427,6 +431,9 @@ def _render(
     if rendered.too_large:
         log.debug("send to %s too large: %s", target.device_id, rendered.too_large)
         return PAYLOAD_TOO_LARGE
+    if rendered.invalid_header:
+        log.debug("send to %s refused: %s", target.device_id, rendered.invalid_header)
+        return INVALID_HEADER
     return rendered
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import re
@@ -22,12 +23,13 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from pushstream.config import ApnsApp, ConfigError
-from pushstream.events import Notification
+from pushstream.events import ApnsOverrides, Notification, describe_error
 from pushstream.senders import apns, apns_auth
 from pushstream.senders.apns_auth import ProviderToken
+from pushstream.senders.http2 import field_problem
 from pushstream.senders.result import Target
 
 TOKEN = "ab" * 32
@@ -241,25 +243,71 @@ def test_apns_id_is_stable_per_send() -> None:
     assert first["apns-id"] == str(uuid.UUID(first["apns-id"]))
 
 
-def test_override_headers_pass_through_but_not_authorization() -> None:
-    """Extra APNs headers are sent; a notification cannot inject credentials."""
+def test_override_headers_pass_through_in_lower_case() -> None:
+    """Extra APNs headers a notification asks for would not reach Apple."""
     headers, _ = rendered(
         note(
             body="B",
-            apns={
-                "headers": {
-                    "APNS-Priority": "5",
-                    "apns-topic": "com.example.other",
-                    "Authorization": "bearer stolen",
-                    ":path": "/3/device/x",
-                }
-            },
+            apns={"headers": {"APNS-Priority": "5", "apns-collapse-id": "c 1"}},
         )
     )
     assert headers["apns-priority"] == "5"
-    assert headers["apns-topic"] == "com.example.other"
-    assert "authorization" not in headers
-    assert not any(name.startswith(":") for name in headers)
+    assert headers["apns-collapse-id"] == "c 1"
+    assert headers["apns-topic"] == "com.example.app"
+
+
+BAD_HEADERS = [
+    {"x\r\ninjected": "1"},
+    {"x-ok": "a\r\nx-injected: 1"},
+    {"x-ok": "nul\x00"},
+    {"x-ok": " padded"},
+    {"x-caf\u00e9": "1"},
+    {"x-ok": "caf\u00e9"},
+    {"": "1"},
+    {":path": "/3/device/x"},
+    {"Authorization": "bearer stolen"},
+    {"apns-topic": "com.example.other"},
+    {"host": "api.push.apple.com"},
+    {"content-length": "1"},
+    {"connection": "close"},
+    {"apns-priority": "5", "APNS-Priority": "10"},
+]
+
+
+@pytest.mark.parametrize("headers", BAD_HEADERS)
+def test_notification_with_illegal_or_reserved_headers_is_refused(
+    headers: dict[str, str],
+) -> None:
+    """A header that breaks HTTP/2 or steals the topic would be sent to Apple."""
+    with pytest.raises(ValidationError) as caught:
+        note(body="B", apns={"headers": headers})
+    reason = describe_error(caught.value)
+    assert reason.startswith("apns.headers: ")
+    assert "header " in reason
+    assert "\r" not in reason
+    assert "\n" not in reason
+
+
+@pytest.mark.parametrize("headers", BAD_HEADERS)
+def test_render_rejects_illegal_headers_that_skipped_validation(
+    headers: dict[str, str],
+) -> None:
+    """A notification built without validation would still inject a header."""
+    n = note(body="B").model_copy(
+        update={"apns": ApnsOverrides.model_construct(headers=headers, payload={})}
+    )
+    out = apns.render(n, TARGET, NOW_MS, None)
+    assert out.invalid_header is not None
+    assert out.headers["apns-topic"] == "com.example.app"
+
+
+@given(st.text(max_size=80))
+def test_any_collapse_key_becomes_a_legal_collapse_id(key: str) -> None:
+    """A collapse key with a control character would kill the APNs connection."""
+    collapse = apns.collapse_id_for(key)
+    assert len(collapse.encode()) <= apns.COLLAPSE_ID_MAX_BYTES
+    assert field_problem("apns-collapse-id", collapse) is None
+    assert collapse == key or collapse == hashlib.sha256(key.encode()).hexdigest()
 
 
 def _body_of_size(n: Notification, size: int) -> Notification:

@@ -51,6 +51,9 @@ def trip(breaker: CircuitBreaker, failures: int = 3) -> None:
         (SendResult("invalid_token", "Unregistered", status=410), False),
         (SendResult("failed", "BadTopic", status=400), False),
         (SendResult("failed", "not_configured"), False),
+        (SendResult("retry", "protocol_error"), False),
+        (SendResult("failed", "protocol_error"), False),
+        (SendResult("failed", "invalid_header"), False),
     ],
 )
 def test_outage_results(result: SendResult, outage: bool) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from pushstream.events import Notification
+from pushstream.events import FcmOverrides, Notification, describe_error
 from pushstream.senders import fcm
 from pushstream.senders.fcm import RateLimiter, classify, render
 from pushstream.senders.result import Target
@@ -203,6 +204,39 @@ def test_overrides_are_deep_merged_and_none_removes() -> None:
     assert message["webpush"]["fcm_options"] == {"link": "https://example.com/x"}
     assert message["webpush"]["headers"]["Urgency"] == "high"
     assert message["fcm_options"] == {"analytics_label": "campaign-1"}
+
+
+@pytest.mark.parametrize(
+    "fcm_block",
+    [
+        {"apns": {"headers": {"apns-collapse-id": "a\r\nb"}}},
+        {"apns": {"headers": {"x\r\ninjected": "1"}}},
+        {"apns": {"headers": {"authorization": "bearer x"}}},
+        {"apns": {"headers": "apns-priority: 5"}},
+        {"webpush": {"headers": {"TTL": "60\u00a0"}}},
+        {"webpush": {"headers": {":authority": "example.com"}}},
+    ],
+)
+def test_illegal_headers_in_fcm_blocks_are_refused(fcm_block: dict[str, Any]) -> None:
+    """A header FCM hands on to APNs or web push would break their HTTP/2."""
+    with pytest.raises(ValidationError) as caught:
+        note(fcm=fcm_block)
+    assert describe_error(caught.value).startswith("fcm.")
+
+    unchecked = note().model_copy(
+        update={"fcm": FcmOverrides.model_construct(**fcm_block)}
+    )
+    assert render(unchecked, TARGET, NOW_MS, None).invalid_header is not None
+
+
+def test_null_fcm_header_still_removes_the_built_one() -> None:
+    """Removing a built APNs header through FCM would be refused as invalid."""
+    n = note(fcm={"apns": {"headers": {"apns-push-type": None}}})
+    rendered = render(n, TARGET, NOW_MS, None)
+    assert rendered.invalid_header is None
+    assert (
+        "apns-push-type" not in json.loads(rendered.body)["message"]["apns"]["headers"]
+    )
 
 
 def _sized(extra_bytes: int) -> Notification:

@@ -24,6 +24,8 @@ from pushstream.senders.http2 import (
     H2Connection,
     H2Options,
     H2Pool,
+    InvalidRequest,
+    ProtocolError,
     RequestTimeout,
     TransportError,
 )
@@ -495,3 +497,65 @@ def test_errors_share_one_base() -> None:
     """A sender catching TransportError misses some no-answer cases."""
     for error in (ConnectError, ConnectionLost, RequestTimeout):
         assert issubclass(error, TransportError)
+
+
+ILLEGAL_HEADERS = [
+    {"x\r\ninjected": "1"},
+    {"x-value": "a\r\nx-injected: 1"},
+    {"x-value": "nul\x00"},
+    {"x-value": "\tpadded"},
+    {"x-caf\u00e9": "1"},
+    {":path": "/elsewhere"},
+    {"connection": "close"},
+    {"te": "gzip"},
+]
+
+
+@pytest.mark.parametrize("headers", ILLEGAL_HEADERS)
+async def test_illegal_header_fails_alone_and_keeps_the_connection(
+    serve: Serve, client_context: ssl.SSLContext, headers: dict[str, str]
+) -> None:
+    """One bad header would make the server close the connection under every push."""
+    handler = Recorder()
+    handler.gate.clear()
+    server = await serve(handler)
+    conn = await connect(server, client_context)
+    held = [asyncio.create_task(conn.request("POST", "/hold")) for _ in range(3)]
+    await asyncio.wait_for(handler.wait_for(3), GUARD)
+
+    with pytest.raises(InvalidRequest) as caught:
+        await conn.request("POST", "/bad", headers, b"x", timeout=GUARD)
+
+    handler.gate.set()
+    async with asyncio.timeout(GUARD):
+        answered = await asyncio.gather(*held)
+    assert [r.status for r in answered] == [200, 200, 200]
+    assert isinstance(caught.value, ProtocolError)
+    assert not caught.value.retryable
+    assert "\r" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "/bad" not in [req.path for req in handler.seen]
+    assert conn.is_usable
+    assert conn.in_flight == 0
+    await conn.aclose()
+
+
+async def test_legal_headers_of_every_shape_are_sent(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A valid provider header would be refused by our own check."""
+    handler = Recorder()
+    server = await serve(handler)
+    headers = {
+        "Apns-Priority": "10",
+        "apns-collapse-id": "a b~!",
+        "x-empty": "",
+        "te": "trailers",
+        "authorization": "bearer " + "e30." * 40,
+    }
+    async with H2Pool(
+        "127.0.0.1", server.port, client_context, server_hostname="localhost"
+    ) as pool:
+        response = await pool.request("POST", "/ok", headers, b"x", timeout=GUARD)
+    assert response.status == 200
+    assert handler.seen[0].headers["apns-collapse-id"] == "a b~!"

@@ -454,6 +454,28 @@ async def test_bad_notifications_go_to_dead_letters_and_the_stream_goes_on(
     assert [s["token"] for s in await pipeline.all_sends(nid)] == [fcm_token(30)]
 
 
+async def test_notifications_with_illegal_apns_headers_go_to_dead_letters(
+    pipeline: Pipeline,
+) -> None:
+    """An injected header would reach APNs and close the connection under all pushes."""
+    user, nid = unique("ida"), unique("n")
+    await pipeline.register(user, {"phone": ("apns", apns_token(40))})
+
+    injected = {"apns": {"headers": {"x\r\ninjected": "1"}}}
+    await pipeline.notify(user, note(unique("n"), **injected))
+    other_app = {"apns": {"headers": {"apns-topic": "com.example.other"}}}
+    await pipeline.notify(user, note(unique("n"), **other_app))
+    await pipeline.notify(user, note(nid))
+    await pipeline.settled()
+
+    letters = await pipeline.dead_letters(user)
+    assert [d["stage"] for d in letters] == ["router"] * 2
+    assert letters[0]["error"].startswith("apns.headers: ")
+    assert "'x\\r\\ninjected'" in letters[0]["error"]
+    assert "apns-topic" in letters[1]["error"]
+    assert [s["token"] for s in await pipeline.all_sends(nid)] == [apns_token(40)]
+
+
 # --- the dedup table --------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from pushstream import router
 from pushstream.events import (
+    ApnsOverrides,
     Device,
     Notification,
     Platform,
@@ -22,6 +23,7 @@ from pushstream.events import (
     to_ms,
 )
 from pushstream.router import Address, Refused, Sent
+from pushstream.senders import apns
 from pushstream.senders.result import Rendered, Target
 
 NOW = 1_700_000_000_000
@@ -410,6 +412,24 @@ def test_too_large_is_rejected_per_device_and_not_remembered() -> None:
     ]
     assert routing.deliveries[0].send_id == "n1:phone"
     assert routing.sent is None
+
+
+def test_an_illegal_apns_header_is_rejected_per_device() -> None:
+    """A header injected past validation would close the APNs connection."""
+    n = note().model_copy(
+        update={
+            "apns": ApnsOverrides.model_construct(
+                headers={"x\r\ninjected": "1"}, payload={}
+            )
+        }
+    )
+    renderers = {**RENDERERS, "apns": apns.render}
+
+    routing = route(n, THREE, renderers=renderers)
+
+    assert [s.device_id for s in routing.sends] == ["tablet", "laptop"]
+    assert outcomes(routing) == [("rejected", "invalid_header", "phone")]
+    assert routing.deliveries[0].send_id == "n1:phone"
 
 
 def test_a_renderer_that_raises_rejects_only_its_platform() -> None:

@@ -375,6 +375,61 @@ async def test_outage_pauses_one_platform_only_and_recovers(
     assert len(sandbox.accepted("apns")) == len(backlog)
 
 
+async def test_send_with_an_illegal_header_fails_alone(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """One injected header would close APNs' connection and stall every push."""
+    poison = make_send("apns", apns_token())
+    poison = poison.model_copy(
+        update={"headers": {**poison.headers, "x\r\ninjected": "1"}}
+    )
+    others = [make_send("apns", apns_token()) for _ in range(8)]
+    await publish(kafka, pipeline, poison, *others)
+
+    found = await deliveries_of(pipeline, poison, *others)
+
+    failed = found[poison.send_id]
+    assert (failed["outcome"], failed["reason"], failed.get("status")) == (
+        "failed",
+        "invalid_header",
+        None,
+    )
+    assert {found[s.send_id]["outcome"] for s in others} == {"delivered"}
+    assert {a["token"] for a in sandbox.accepted("apns")} == {s.token for s in others}
+
+
+async def test_sends_that_always_meet_an_outage_cannot_block_their_platform(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A send that fails every time would hold the breaker's probe and APNs forever."""
+    failing = [make_send("apns", apns_token("0ff11e")) for _ in range(3)]
+    await publish(kafka, pipeline, *failing)
+    await wait_for_requests(sandbox, "apns", 3)
+    later = [make_send("apns", apns_token()) for _ in range(5)]
+    await publish(kafka, pipeline, *later)
+
+    found = await deliveries_of(pipeline, *failing, *later)
+
+    assert {found[s.send_id]["outcome"] for s in later} == {"delivered"}
+    for send in failing:
+        delivery = found[send.send_id]
+        assert (delivery["outcome"], delivery["reason"], delivery["attempts"]) == (
+            "failed",
+            "retries_exhausted",
+            3,
+        )
+    letters = await wait_for(
+        pipeline,
+        "dead-letters",
+        lambda rs: {s.send_id for s in failing} <= {r.key for r in rs},
+    )
+    assert all(
+        "ServiceUnavailable" in r.value["error"]
+        for r in letters
+        if r.key in {s.send_id for s in failing}
+    )
+
+
 async def wait_for_requests(sandbox: SandboxProcess, platform: str, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while sandbox.stats()[platform]["requests"] < count:

@@ -33,7 +33,15 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pushstream.config import ApnsApp, ConfigError, Endpoints, Settings
-from pushstream.events import APNS_TOKEN_RE, Environment, Notification, Send
+from pushstream.events import (
+    APNS_SENDER_HEADERS,
+    APNS_TOKEN_RE,
+    Environment,
+    Notification,
+    Send,
+    header_problem,
+    headers_problem,
+)
 from pushstream.senders import http2
 from pushstream.senders.apns_auth import (
     Clock,
@@ -68,9 +76,6 @@ TOPIC_SUFFIXES = {
 # fixed forever: changing it changes every apns-id.
 APNS_ID_NAMESPACE = uuid.UUID("6f1c1d3e-8a42-4e0c-9a57-2f6b0c2d9e11")
 
-# Headers a notification's overrides may not set: the sender owns them.
-_RESERVED_HEADERS = frozenset({"authorization", "content-length", "host"})
-
 # APNs sends no Retry-After; after TooManyProviderTokenUpdates Apple advises
 # to stop and wait, so the retry is pushed out at least this far.
 TOKEN_UPDATES_BACKOFF_S = 60.0
@@ -84,10 +89,13 @@ def apns_id_for(send_id: str) -> str:
 def collapse_id_for(key: str) -> str:
     """A collapse key as an apns-collapse-id of at most 64 bytes.
 
-    Longer keys (UTF-8 can make 64 characters up to 256 bytes) are replaced
-    by their SHA-256 in hex, exactly 64 bytes, so distinct keys stay distinct.
+    Longer keys (UTF-8 can make 64 characters up to 256 bytes), and keys that
+    are no valid HTTP/2 header value (control characters, non-ASCII), are
+    replaced by their SHA-256 in hex, exactly 64 bytes, so distinct keys stay
+    distinct.
     """
-    if len(key.encode()) <= COLLAPSE_ID_MAX_BYTES:
+    fits = len(key.encode()) <= COLLAPSE_ID_MAX_BYTES
+    if fits and header_problem("apns-collapse-id", key) is None:
         return key
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -102,8 +110,11 @@ def render(
     a background push (``content-available: 1``, priority 5) so the app
     still receives its data. ``overrides.payload`` is merged last: its
     ``aps`` into the built one (a null value removes a key), its other keys
-    at the top level; ``overrides.headers`` replace the built headers,
-    except ``authorization``, which only the sender sets.
+    at the top level; ``overrides.headers`` replace the built headers. An
+    override header that is no valid HTTP/2 field, or one only the sender
+    sets (authorization, apns-topic, host, content-length, pseudo-headers),
+    sets ``invalid_header`` instead: sent, it would make APNs close the
+    connection with every request on it.
 
     ``expires_at_ms`` becomes apns-expiration in epoch seconds; a ttl of 0
     becomes ``0`` (deliver now or never). ``now_ms`` is accepted for the
@@ -131,18 +142,18 @@ def render(
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
     headers = _headers(n, target, push_type, expires_at_ms)
-    if overrides is not None:
-        for name, value in overrides.headers.items():
-            name = name.lower()
-            if name not in _RESERVED_HEADERS and not name.startswith(":"):
-                headers[name] = value
+    invalid = None
+    if overrides is not None and overrides.headers:
+        invalid = headers_problem(overrides.headers, APNS_SENDER_HEADERS)
+        if invalid is None:
+            headers.update((k.lower(), v) for k, v in overrides.headers.items())
 
     size = len(body.encode())
     limit = VOIP_PAYLOAD_LIMIT if push_type == "voip" else PAYLOAD_LIMIT
     too_large = None
     if size > limit:
         too_large = f"APNs payload is {size} bytes; the limit is {limit}"
-    return Rendered(headers=headers, body=body, too_large=too_large)
+    return Rendered(headers, body, too_large=too_large, invalid_header=invalid)
 
 
 def _aps(n: Notification) -> dict[str, Any]:
@@ -375,6 +386,9 @@ DEFAULT_CONNECTIONS = 2
 NOT_CONFIGURED = "not_configured"
 """The reason of a send for an app without APNs credentials (as the runner's)."""
 MALFORMED_TOKEN = "malformed_token"
+INVALID_HEADER = "invalid_header"
+"""A send whose headers break HTTP/2's field rules: refused, never sent."""
+PROTOCOL_ERROR = "protocol_error"
 
 # Answers after which the connection itself is suspect: the next requests go
 # to a fresh one (Apple: reconnect after IdleTimeout and Shutdown; a key id
@@ -403,7 +417,11 @@ class ApnsClient:
     :class:`SendResult`. When no answer comes it returns ``retry`` with
     reason ``timeout``, ``connection_lost``, ``connect_failed`` or
     ``protocol_error``; a request cut off by a GOAWAY or a lost connection
-    is first sent once more on another connection. ExpiredProviderToken is
+    is first sent once more on another connection. A request APNs resets as
+    malformed fails (``protocol_error``), and one whose headers break
+    HTTP/2's field rules fails without being sent (``invalid_header``):
+    either would otherwise be retried, or close the connection under the
+    requests beside it. ExpiredProviderToken is
     answered by renewing the token (at most once per 20 minutes) and sending
     once more. In-flight requests per connection follow the server's live
     MAX_CONCURRENT_STREAMS (see :mod:`pushstream.senders.http2`).
@@ -511,16 +529,22 @@ class ApnsClient:
                 return SendResult("retry", "timeout")
             except http2.ConnectError:
                 return SendResult("retry", "connect_failed")
-            except http2.ConnectionLost:
+            except http2.InvalidRequest:
+                return SendResult("failed", INVALID_HEADER)
+            except http2.ConnectionLost as exc:
                 if not resent:
                     resent = True
                     continue
-                return SendResult("retry", "connection_lost")
+                # Killed twice for breaking HTTP/2: maybe by this request,
+                # maybe by one beside it; retried later, not an outage.
+                reason = PROTOCOL_ERROR if exc.protocol_error else "connection_lost"
+                return SendResult("retry", reason)
             except http2.ProtocolError as exc:
                 if exc.retryable and not resent:
                     resent = True
                     continue
-                return SendResult("retry", "protocol_error")
+                outcome: ResultOutcome = "failed" if exc.malformed else "retry"
+                return SendResult(outcome, PROTOCOL_ERROR)
 
             result = classify(response.status, response.headers, response.body)
             if (

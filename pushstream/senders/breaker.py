@@ -23,8 +23,12 @@ promises at once:
   attempts on every copy, turning a long outage into ``retries_exhausted``
   failures for sends that were never tried.
 
-A probe that meets the outage again is not counted against the send's
-attempts either: the provider is failing, not the send.
+The sends held while it is open are not charged an attempt: the provider
+is failing, not the send. The probe is, because it may be the send that is
+failing (a request that makes the provider close the connection looks
+like an outage): a failed probe is settled like any answer, so it moves to
+the retries topic (or fails with ``retries_exhausted``) and the next probe
+is another send. See :mod:`pushstream.senders.runner`.
 """
 
 from __future__ import annotations
@@ -44,16 +48,21 @@ BreakerState = Literal["closed", "open", "half_open"]
 
 # Statuses that mean the provider, not the request, is failing.
 OUTAGE_STATUS_MIN = 500
+# Reasons without an answer that are no outage: the provider closed the
+# connection because a request on it broke HTTP/2 (a GOAWAY with
+# PROTOCOL_ERROR), which says it is alive and that a request is at fault.
+NOT_OUTAGE_REASONS = frozenset({"protocol_error"})
 
 
 def is_outage(result: SendResult) -> bool:
     """True when a result says the provider is down rather than answering.
 
     No answer (a ``retry`` without a status: timeout, lost connection) and any
-    5xx status count; every other answer, 429 included, shows it is alive.
+    5xx status count; every other answer, 429 included, shows it is alive,
+    and so does a connection closed for a protocol error (``protocol_error``).
     """
     if result.status is None:
-        return result.outcome == "retry"
+        return result.outcome == "retry" and result.reason not in NOT_OUTAGE_REASONS
     return result.status >= OUTAGE_STATUS_MIN
 
 

@@ -34,11 +34,14 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from pushstream.config import FCM_ENDPOINT, ConfigError, FcmProject, Settings
-from pushstream.events import Notification, Send
+from pushstream.events import Notification, Send, fcm_headers_problem
 from pushstream.senders.http2 import (
     DEFAULT_TIMEOUT,
+    ConnectionLost,
     H2Options,
     H2Pool,
+    InvalidRequest,
+    ProtocolError,
     RequestTimeout,
     TransportError,
     client_ssl_context,
@@ -123,7 +126,9 @@ def render(
     Android gets the remaining time to live as ``ttl``, iOS (through FCM) an
     absolute ``apns-expiration``; without an expiry FCM keeps a message for
     its default of four weeks. ``n.fcm`` blocks are deep-merged last; a None
-    there removes the built value.
+    there removes the built value. Headers in its ``apns`` and ``webpush``
+    blocks that break HTTP/2's field rules, or that only a sender sets, set
+    ``invalid_header``.
     """
     remaining_ms = None if expires_at_ms is None else max(0, expires_at_ms - now_ms)
     message: dict[str, Any] = {"token": target.token}
@@ -136,18 +141,22 @@ def render(
     message["apns"] = _apns(n, now_ms, expires_at_ms)
     message["webpush"] = _webpush(n, remaining_ms)
 
+    invalid = None
     if n.fcm is not None:
         for block in ("android", "apns", "webpush", "fcm_options"):
             override = getattr(n.fcm, block)
             if override:
                 message[block] = deep_merge(message.get(block, {}), override)
+            if block in ("apns", "webpush") and invalid is None:
+                invalid = fcm_headers_problem((override or {}).get("headers"))
 
     body = _dumps({"message": message})
     size = message_size(message)
     too_large = None
     if size > MAX_MESSAGE_BYTES:
         too_large = f"FCM message is {size} bytes, over the {MAX_MESSAGE_BYTES} limit"
-    return Rendered({"content-type": CONTENT_TYPE}, body, too_large)
+    headers = {"content-type": CONTENT_TYPE}
+    return Rendered(headers, body, too_large, invalid_header=invalid)
 
 
 def _has_alert(n: Notification) -> bool:
@@ -685,8 +694,18 @@ class FcmClient:
                 response = await self._pool.request(
                     "POST", project.path, headers, payload, self._timeout
                 )
+            except InvalidRequest:
+                return SendResult("failed", "invalid_header")
             except RequestTimeout:
                 return SendResult("retry", "timeout")
+            except ProtocolError as exc:
+                if exc.malformed:  # FCM reset the stream: it will again
+                    return SendResult("failed", "protocol_error")
+                return SendResult("retry", "protocol_error")
+            except ConnectionLost as exc:
+                if exc.protocol_error:  # not an outage: see breaker.is_outage
+                    return SendResult("retry", "protocol_error")
+                return SendResult("retry", "connection_lost")
             except TransportError as exc:
                 log.debug("fcm %s: no answer (%s)", _short(send.token), exc)
                 return SendResult("retry", "connection_lost")

@@ -28,6 +28,9 @@ and ``h2`` exceptions underneath are translated here and kept as ``__cause__``.
   The server may still have acted on the request.
 - :class:`ProtocolError`: the server broke HTTP/2 or reset the stream;
   ``error_code`` is the HTTP/2 error code.
+- :class:`InvalidRequest` (a :class:`ProtocolError`): a request header
+  breaks HTTP/2's field rules. Nothing was sent and the connection is
+  untouched: sent, the server would close it with every request on it.
 
 ``retryable`` says whether sending the same request again is sensible. It is
 true for everything but protocol errors, and for REFUSED_STREAM resets, which
@@ -38,8 +41,10 @@ Cost per request
 h2 and hpack are pure Python, so their work per request is what limits
 throughput (bench/http2_loop.py measures it). Requests are written once per
 event-loop pass for all of them, bodies that fit the flow-control windows go
-out with their headers, h2's header checks are off (headers are built here),
-HPACK literals skip Huffman coding, and ``:path`` is sent never-indexed: an
+out with their headers, h2's header checks are off (its outbound checks do
+not look at characters; :func:`field_problem` checks what a server would
+refuse, in one regular expression per header), HPACK literals skip Huffman
+coding, and ``:path`` is sent never-indexed: an
 APNs path is a device token, unique per request, which would otherwise evict
 the reusable entries (authorization, apns-topic) from the HPACK table.
 """
@@ -51,6 +56,7 @@ import collections
 import contextlib
 import logging
 import random
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -93,6 +99,9 @@ Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 """Request headers: a mapping or (name, value) pairs. Names are lowercased."""
 
 
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
 class TransportError(Exception):
     """No answer from the server; see the module docstring for the subclasses."""
 
@@ -120,6 +129,13 @@ class ConnectionLost(TransportError):
         super().__init__(message)
         self.goaway = goaway
 
+    @property
+    def protocol_error(self) -> bool:
+        """The server's GOAWAY says some request on the connection broke HTTP/2
+        (PROTOCOL_ERROR): maybe this one, maybe another in flight beside it."""
+        goaway = self.goaway
+        return goaway is not None and goaway.error_code == _PROTOCOL_ERROR
+
 
 class RequestTimeout(TransportError):
     """No complete answer within the request's timeout; the stream was reset."""
@@ -132,6 +148,45 @@ class ProtocolError(TransportError):
         super().__init__(message)
         self.error_code = error_code
         self.retryable = error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+    @property
+    def malformed(self) -> bool:
+        """The server reset this stream with PROTOCOL_ERROR, its answer to a
+        malformed request (RFC 9113 8.1.1): sending it again fails again."""
+        return self.error_code == _PROTOCOL_ERROR
+
+
+class InvalidRequest(ProtocolError):
+    """A request header breaks HTTP/2's field rules; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+# RFC 9113 8.2.1: a field name is lowercase token characters (RFC 9110
+# 5.6.2), a value holds no NUL, CR or LF and has no leading or trailing space
+# or tab. 8.2.2: connection-specific fields, and TE other than "trailers",
+# make a request malformed.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_FIELD_VALUE = re.compile(r"(?:[^\x00\r\n\t ](?:[^\x00\r\n]*[^\x00\r\n\t ])?)?")
+_CONNECTION_FIELDS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+
+
+def field_problem(name: str, value: str) -> str | None:
+    """Why a (lowercased) request header would make the request malformed.
+
+    None when it may be sent. Pseudo-headers are the transport's own, so a
+    name starting with ``:`` is refused too.
+    """
+    if _FIELD_NAME.fullmatch(name) is None:
+        return "not a lowercase token (pseudo-headers are the transport's)"
+    if _FIELD_VALUE.fullmatch(value) is None:
+        return "its value has NUL, CR, LF, or surrounding whitespace"
+    if name in _CONNECTION_FIELDS or (name == "te" and value != "trailers"):
+        return "a connection-specific header"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,10 +471,19 @@ class H2Connection(asyncio.Protocol):
         ``timeout`` (seconds) covers waiting for a stream slot, sending the
         body and receiving the whole response; on expiry the stream is reset
         (RST_STREAM CANCEL) and :class:`RequestTimeout` is raised. Raises the
-        other :class:`TransportError` subclasses when no answer can come.
+        other :class:`TransportError` subclasses when no answer can come,
+        and :class:`InvalidRequest` at once for a header that breaks
+        HTTP/2's field rules (see :func:`field_problem`).
         """
         if self._closing:
             raise self._closed_error()
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        fields = [(name.lower(), value) for name, value in pairs]
+        for name, value in fields:
+            problem = field_problem(name, value)
+            if problem is not None:
+                shown = repr(name[:64])
+                raise InvalidRequest(f"request header {shown} refused: {problem}")
         stream: _Stream | None = None
         has_slot = False
         try:
@@ -429,7 +493,7 @@ class H2Connection(asyncio.Protocol):
                 else:
                     self._active += 1
                 has_slot = True
-                stream = self._open_stream(method, path, headers, body)
+                stream = self._open_stream(method, path, fields, body)
                 return await stream.response
         except TimeoutError as exc:
             message = f"no response from {self._peer} within {timeout:g}s"
@@ -442,7 +506,7 @@ class H2Connection(asyncio.Protocol):
                 self._release_slot()
 
     def _open_stream(
-        self, method: str, path: str, headers: Headers, body: bytes
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> _Stream:
         h2conn = self._h2
         stream_id = h2conn.get_next_available_stream_id()
@@ -452,8 +516,7 @@ class H2Connection(asyncio.Protocol):
             (":authority", self._authority),
             NeverIndexedHeaderTuple(":path", path),
         ]
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
-        block.extend([(name.lower(), value) for name, value in pairs])
+        block.extend(headers)
         try:
             h2conn.send_headers(stream_id, block, end_stream=not body)
             stream = _Stream(stream_id, self._loop.create_future())

@@ -32,12 +32,14 @@ class Rendered:
     """A provider request body and headers, built without I/O.
 
     ``too_large`` names the limit when the body exceeds the provider's payload
-    limit: the router then rejects the send instead of making it.
+    limit, ``invalid_header`` the rule a header from the notification breaks:
+    the router then rejects the send instead of making it.
     """
 
     headers: dict[str, str]
     body: str
     too_large: str | None = None
+    invalid_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

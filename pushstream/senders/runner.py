@@ -22,12 +22,21 @@ body is left by an exception or a cancellation, which would commit sends
 whose outcome was never published.
 
 Each platform has a circuit breaker (:mod:`pushstream.senders.breaker`);
-while it is open the agent holds its batch. On a rebalance or at shutdown the
-held sends, and those not yet started, go back to the end of their send topic
-(unchanged, same attempt) and are acknowledged; requests already in flight
-get ``shutdown_timeout_s / 2`` to finish before they are abandoned the same
-way. An abandoned request may have reached the provider: the retry can then
-deliver it twice, which at-least-once allows.
+while it is open the agent holds its batch. Holding charges no attempt, so
+no send may be held for ever: the half-open probe's answer is settled like
+any other (a probe that fails again moves to the retries topic, one
+attempt spent, and the next probe is another send), and a send whose
+request met an outage is held at most ``UNCHARGED_HOLDS`` times before its
+answer is settled too. A send that makes the provider fail (one that
+closes the connection under the requests beside it, say) thus ends
+``failed`` with ``retries_exhausted`` while the others flow.
+
+On a rebalance or at shutdown the held sends, and those not yet started, go
+back to the end of their send topic (unchanged, same attempt) and are
+acknowledged; requests already in flight get ``shutdown_timeout_s / 2`` to
+finish before they are abandoned the same way. An abandoned request may have
+reached the provider: the retry can then deliver it twice, which
+at-least-once allows.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ NOT_CONFIGURED = "not_configured"
 RETRIES_EXHAUSTED = "retries_exhausted"
 EXPIRED = "expired"
 CLIENT_ERROR = "client_error"
+# How often a send whose request met an outage is held without being charged
+# an attempt, the breaker having opened meanwhile: once is what an outage
+# needs; a send met by the outage every time is the outage's likely cause.
+UNCHARGED_HOLDS = 1
 
 # Where each platform's client lives; imported only for configured platforms.
 CLIENT_CLASSES: dict[Platform, tuple[str, str]] = {
@@ -275,6 +288,7 @@ def decode_send(value: bytes | None, platform: Platform) -> Send:
 class _Item:
     event: Any  # faust.EventT
     send: Send
+    holds: int = 0  # requests made whose outage answer was held, not settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +445,11 @@ class PlatformSender:
             await asyncio.wait(late)
 
     async def _attempt(self, item: _Item) -> _Answer | None:
-        """One request, unless a handover or the breaker holds it (None)."""
+        """One request, unless a handover or the breaker holds it (None).
+
+        An outage answer while the breaker is not closed is held (None) too,
+        at most ``UNCHARGED_HOLDS`` times per send, and never for the probe.
+        """
         async with self._semaphore():
             if self.release.active:
                 return None
@@ -460,9 +478,13 @@ class PlatformSender:
                 return _Answer(result, sent_at, pipeline_app.now_ms())
 
         self.breaker.record(result)
-        if is_outage(result) and self.breaker.state != "closed":
-            return None
-        return _Answer(result, sent_at, pipeline_app.now_ms())
+        answer = _Answer(result, sent_at, pipeline_app.now_ms())
+        if probe or not is_outage(result) or self.breaker.state == "closed":
+            return answer
+        if item.holds >= UNCHARGED_HOLDS:
+            return answer
+        item.holds += 1
+        return None
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._in_flight is None:

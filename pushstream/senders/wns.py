@@ -483,6 +483,9 @@ class WnsClient:
                 response = await session.http.post(url, content=body, headers=headers)
             except httpx.TimeoutException:
                 return SendResult("retry", "timeout")
+            except (httpx.LocalProtocolError, UnicodeEncodeError):
+                # A header h11 refuses to write, or not ASCII: nothing was sent.
+                return SendResult("failed", "invalid_header")
             except httpx.HTTPError:
                 return SendResult("retry", "connection_lost")
             if response.status_code != 401 or attempt == 2:
