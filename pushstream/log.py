@@ -1,15 +1,19 @@
 """Logging for pushstream's processes: one handler on stderr, text or JSON lines.
 
 :func:`setup` installs the handler (replacing a plain stderr handler that
-``logging.basicConfig`` may have put there) with :class:`GuardFilter`, and
-sets the levels. The worker calls :func:`setup_from_settings` (``log_level``,
-``log_json``); every command gets text at INFO (DEBUG with ``-v``) first.
+``logging.basicConfig`` may have put there) with :class:`GuardFilter` and
+:class:`RepeatFilter`, and sets the levels. The worker calls
+:func:`setup_from_settings` (``log_level``, ``log_json``); every command gets
+text at INFO (DEBUG with ``-v``) first.
 
 What is logged where (house style): INFO for a state change (connected,
 partitions assigned, token refreshed, breaker opened, shutdown), DEBUG for
 each message, WARNING once per condition, ERROR when a task dies. Counts go
-to metrics. Secrets never: settings hold them as ``SecretStr``, whose repr is
-``'**********'``. A device token is shown only as :func:`shorten_token`.
+to metrics. Kafka's and Faust's libraries log a line per failed attempt
+while the broker is away; :class:`RepeatFilter` lets one line of each kind
+through every 30 seconds, with the count of those it dropped. Secrets
+never: settings hold them as ``SecretStr``, whose repr is ``'**********'``.
+A device token is shown only as :func:`shorten_token`.
 
 The HTTP libraries (httpx, httpcore, h2, hpack) log request URLs and header
 blocks at DEBUG: an APNs URL holds a device token, a WNS URL is the channel
@@ -27,6 +31,9 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -42,6 +49,13 @@ TOKEN_SHOWN = 8
 GUARDED_LOGGERS = ("httpx", "httpcore", "h2", "hpack", "faust.topics")
 # Loggers that are only noisy below WARNING: a line per fetch, per request.
 QUIET_LOGGERS = ("aiokafka", "aiohttp.access")
+
+# Loggers whose repeated warnings and errors are rate-limited: while the broker
+# is unreachable, aiokafka logs every failed connection, fetch and metadata
+# refresh, thousands of lines a second.
+REPEAT_LIMITED_LOGGERS = ("aiokafka", "faust", "mode")
+REPEAT_WINDOW_S = 30.0
+REPEAT_KINDS_MAX = 1000
 
 # The attribute that marks the handler this module installed.
 _MARK = "_pushstream_handler"
@@ -75,6 +89,71 @@ class GuardFilter(logging.Filter):
                 return False
         hide_input(record)
         return True
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first warning or error of a kind through, then one per window.
+
+    A kind is the logger and the message template before its arguments, so
+    aiokafka's "Unable connect to node with id %s: %s" is one kind whatever
+    the node and the error. The first line of a kind passes; more of its
+    kind within ``window_s`` are counted and dropped; the first one after
+    the window passes with the count appended ("... [412 more like this in
+    30s]", and ``repeated`` in JSON lines). Only warnings and errors of
+    ``names`` and their children are limited. Thread-safe: Faust's consumer
+    logs from its own thread.
+    """
+
+    def __init__(
+        self,
+        names: tuple[str, ...] = REPEAT_LIMITED_LOGGERS,
+        window_s: float = REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._names = names
+        self._prefixes = tuple(name + "." for name in names)
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # kind -> [when its last line passed, lines dropped since]
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        name = record.name
+        if not (name in self._names or name.startswith(self._prefixes)):
+            return True
+        kind = (name, str(record.msg))
+        with self._lock:
+            now = self._clock()
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self._window_s:
+                seen[1] += 1
+                return False
+            dropped = int(seen[1]) if seen is not None else 0
+            since = now - seen[0] if seen is not None else 0.0
+            self._forget_old(now)
+            self._seen[kind] = [now, 0]
+        if dropped:
+            message = record.getMessage()
+            record.msg = f"{message} [{dropped} more like this in {since:.0f}s]"
+            record.args = None
+            record.repeated = dropped
+        return True
+
+    def _forget_old(self, now: float) -> None:
+        # Faust formats some messages itself, so kinds are not a closed set.
+        if len(self._seen) < REPEAT_KINDS_MAX:
+            return
+        self._seen = {
+            kind: seen
+            for kind, seen in self._seen.items()
+            if seen[1] or now - seen[0] < self._window_s
+        }
+        if len(self._seen) >= REPEAT_KINDS_MAX:
+            self._seen.clear()
 
 
 _INPUT_VALUE = re.compile(r"input_value=.*(, input_type=[\w.]+\])|input_value=.*")
@@ -146,6 +225,7 @@ def setup(
         JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT)
     )
     handler.addFilter(GuardFilter())
+    handler.addFilter(RepeatFilter())
     setattr(handler, _MARK, True)
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())

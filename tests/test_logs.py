@@ -157,3 +157,39 @@ def test_pydantic_input_is_hidden_in_messages_and_tracebacks(
     assert TOKEN[:12] not in text
     assert "input_value=<hidden>, input_type=str]" in text
     assert "the dead letter was not written" in text
+
+
+def test_repeated_kafka_errors_are_counted_not_printed(stream: io.StringIO) -> None:
+    """A broker outage would write thousands of identical lines a second."""
+    clock = [0.0]
+    handler = log.setup(logging.INFO, stream=stream)
+    for old in [f for f in handler.filters if isinstance(f, log.RepeatFilter)]:
+        handler.removeFilter(old)
+    handler.addFilter(log.RepeatFilter(window_s=30, clock=lambda: clock[0]))
+    kafka = logging.getLogger("aiokafka")
+    for second in range(60):
+        clock[0] = float(second)
+        for node in range(100):
+            kafka.error("Unable connect to node with id %s: %s", node, "refused")
+        kafka.error("Unable to update metadata from %s", [1])
+    logging.getLogger("pushstream.worker").error("own error")
+    logging.getLogger("pushstream.worker").error("own error")
+
+    lines = stream.getvalue().splitlines()
+    connect = [line for line in lines if "Unable connect" in line]
+    assert len(connect) == 2
+    assert connect[1].endswith("[2999 more like this in 30s]")
+    assert len([line for line in lines if "update metadata" in line]) == 2
+    assert len([line for line in lines if "own error" in line]) == 2
+
+
+def test_the_first_line_of_a_kind_keeps_its_level(stream: io.StringIO) -> None:
+    """A new kind of Kafka error would be hidden behind an older one."""
+    log.setup(logging.INFO, stream=stream)
+    logging.getLogger("aiokafka.consumer.fetcher").warning("Failed fetch %s", 1)
+    logging.getLogger("aiokafka.consumer.fetcher").warning("Failed fetch %s", 2)
+    logging.getLogger("faust.app").error("Heartbeat failed %s", 1)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert " WARNING aiokafka.consumer.fetcher: Failed fetch 1" in lines[0]
+    assert " ERROR faust.app: Heartbeat failed 1" in lines[1]
