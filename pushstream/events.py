@@ -261,7 +261,10 @@ class Sweep(_Input):
 
     type: Literal["sweep"]
     user_id: UserId
-    cutoff_ms: int = Field(description="Devices last seen before this are retired.")
+    cutoff_ms: int = Field(
+        description="Devices last seen before this are retired; never later "
+        "than the worker's clock minus PUSHSTREAM_TOKEN_MAX_AGE_DAYS."
+    )
     at_ms: int
 
 

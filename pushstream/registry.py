@@ -160,7 +160,7 @@ class Registry:
             return register(state, event, self.rules, self.clock())
         if isinstance(event, Unregister):
             return unregister(state, event, self.clock())
-        return sweep(state, event, self.rules)
+        return sweep(state, event, self.rules, self.clock())
 
     async def _commit(self, user_id: str, old: UserDevices, change: Change) -> None:
         """Publish what happened, then store the new state, then claim tokens.

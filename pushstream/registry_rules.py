@@ -37,7 +37,8 @@ What the rules guarantee:
   token after the invalidation makes the device active again.
 - The sweep retires devices not seen for ``token_max_age_days``, publishes
   ``retired`` and, for a device that was still active, ``reregister_requested``,
-  and forgets removals older than that age.
+  and forgets removals older than that age. A sweep instruction never reaches
+  further: its cut-off is bounded by the worker's clock minus that age.
 - A WNS channel must pass the allow-list (:mod:`pushstream.senders.allowlist`)
   to be registered at all; a refused event raises :class:`Refused`, which the
   agent turns into a dead letter.
@@ -265,15 +266,21 @@ def needs_sweep(state: UserDevices, cutoff_ms: int) -> bool:
     )
 
 
-def sweep(state: UserDevices, event: Sweep, rules: Rules) -> Change:
-    """Retire devices last seen before the cut-off; forget older removals."""
-    stale = [d for d in state.devices if d.last_seen_ms < event.cutoff_ms]
-    devices = [d for d in state.devices if d.last_seen_ms >= event.cutoff_ms]
-    removed = {k: at for k, at in state.removed.items() if at >= event.cutoff_ms}
+def sweep(state: UserDevices, event: Sweep, rules: Rules, now: int) -> Change:
+    """Retire devices last seen before the cut-off; forget older removals.
+
+    The cut-off is the instruction's, but never later than ``now`` minus the
+    maximum age: whoever can write to registrations can publish a sweep, and
+    a forged one must not retire a device the periodic sweep would keep.
+    """
+    cutoff = min(event.cutoff_ms, now - rules.max_age_ms)
+    stale = [d for d in state.devices if d.last_seen_ms < cutoff]
+    devices = [d for d in state.devices if d.last_seen_ms >= cutoff]
+    removed = {k: at for k, at in state.removed.items() if at >= cutoff}
     reason = f"not seen for {rules.max_age_days} days"
     token_events = []
     for gone in stale:
-        _mark(removed, gone.device_id, event.cutoff_ms)
+        _mark(removed, gone.device_id, cutoff)
         token_events.append(
             _token_event("retired", event.user_id, gone, reason, event.at_ms)
         )

@@ -580,3 +580,20 @@ async def run_cli(env: dict[str, str], *args: str) -> str:
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_a_forged_sweep_retires_no_live_device(
+    harness: Harness, worker_env: Env
+) -> None:
+    """Anyone who can write to registrations could retire a user's live devices."""
+    far = ms(10 * 365 * 24 * 3600)
+    forged = {"type": "sweep", "user_id": "alice", "cutoff_ms": far, "at_ms": far}
+    with WorkerProcess(worker_env()):
+        await harness.registrations(register("alice", apns(1), 0, device="phone"))
+        await harness.settled()
+        await harness.registrations(forged)
+        await harness.settled()
+        tokens = await harness.tokens("alice")
+        retired = await harness.published("retired", "reregister_requested")
+    assert tokens == {"phone": apns(1)}
+    assert retired == []

@@ -580,7 +580,7 @@ def test_sweep_retires_devices_not_seen_since_the_cutoff() -> None:
     change = invalidate(change.state, report("invalidated", 2500, apns(2)))
     assert needs_sweep(change.state, 5000)
 
-    swept = sweep(change.state, sweep_at(5000), RULES)
+    swept = sweep(change.state, sweep_at(5000), RULES, NOW)
 
     assert tokens(swept.state) == {"fresh": apns(3)}
     assert [(e.type, e.device_id) for e in swept.token_events] == [
@@ -590,22 +590,50 @@ def test_sweep_retires_devices_not_seen_since_the_cutoff() -> None:
     ]
     assert all("30 days" in e.reason for e in swept.token_events)
     assert not needs_sweep(swept.state, 5000)
-    assert sweep(swept.state, sweep_at(5000), RULES).state == swept.state
+    assert sweep(swept.state, sweep_at(5000), RULES, NOW).state == swept.state
 
 
 def test_sweep_forgets_old_removals() -> None:
     """The removal markers of a user would grow without bound."""
     change = apply(EMPTY, reg(1000, apns(1)), unreg(2000, device_id="phone"))
     assert needs_sweep(change.state, 3000)
-    swept = sweep(change.state, sweep_at(3000), RULES)
+    swept = sweep(change.state, sweep_at(3000), RULES, NOW)
     assert is_empty(swept.state)
     assert swept.token_events == ()
+
+
+def test_a_forged_sweep_retires_nothing_the_periodic_sweep_would_keep() -> None:
+    """Anyone who can write to registrations could wipe a user's live devices."""
+    max_age = RULES.max_age_ms
+    change = apply(
+        EMPTY,
+        reg(NOW - max_age - 5000, apns(1), "lost"),
+        reg(NOW - max_age + 5000, apns(2), "quiet"),
+        reg(NOW - 1000, apns(3), "live"),
+        unreg(NOW - 2000, device_id="gone"),
+    )
+    forged = Sweep(type="sweep", user_id="alice", cutoff_ms=NOW * 2, at_ms=NOW * 2)
+
+    swept = sweep(change.state, forged, RULES, NOW)
+
+    assert tokens(swept.state) == {"quiet": apns(2), "live": apns(3)}
+    assert {e.device_id for e in swept.token_events} == {"lost"}
+    assert "gone" in swept.state.removed
+    periodic = Sweep(type="sweep", user_id="alice", cutoff_ms=NOW - max_age, at_ms=NOW)
+    assert swept.state == sweep(change.state, periodic, RULES, NOW).state
+
+
+def test_an_earlier_sweep_cutoff_is_kept() -> None:
+    """A sweep published before a rebalance would retire more once applied late."""
+    change = apply(EMPTY, reg(1000, apns(1), "old"), reg(3000, apns(2), "newer"))
+    swept = sweep(change.state, sweep_at(2000), RULES, NOW)
+    assert tokens(swept.state) == {"newer": apns(2)}
 
 
 def test_swept_device_does_not_come_back_with_an_old_registration() -> None:
     """A delayed registration from before the cutoff would revive a retired device."""
     change = apply(EMPTY, reg(1000, apns(1)))
-    swept = sweep(change.state, sweep_at(5000), RULES)
+    swept = sweep(change.state, sweep_at(5000), RULES, NOW)
     late = register(swept.state, reg(4000, apns(1)), RULES, NOW)
     assert late.state.devices == []
 
