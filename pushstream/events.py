@@ -545,7 +545,15 @@ OUTCOMES: tuple[Outcome, ...] = (
 class Delivery(_Output):
     """The final outcome of one send, or of a notification that made no send.
 
-    Analytics reads only this topic: every send ends in exactly one Delivery.
+    Analytics reads only this topic. At least once: every send ends in at
+    least one Delivery, exactly one after a clean stop. A worker that dies
+    without stopping (kill -9, OOM) leaves its uncommitted work to the next
+    one, which makes those sends again and publishes their outcomes again:
+    deduplicate by ``send_id`` (by ``notification_id`` and ``outcome`` for a
+    record without one). A repeat carries the same outcome unless something
+    changed in between (the expiry passed, the provider answered otherwise);
+    ``duplicate`` reports a notification id seen again, never the outcome of
+    a send. See docs/limitations.md.
     """
 
     notification_id: str
