@@ -13,14 +13,24 @@ names it (:class:`ConfigError`).
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -180,6 +190,18 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, Path(config_file)))
         return tuple(sources)
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"{server.strip()!r} is not host:port; give one or more "
+                    "host:port separated by commas, e.g. 127.0.0.1:9092"
+                )
+        return value
+
     def topic(self, name: str) -> str:
         """The full Kafka name of one of pushstream's topics."""
         return self.topic_prefix + name
@@ -194,11 +216,35 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_unparsed(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"PUSHSTREAM_CONFIG_FILE: {config_file} is not valid TOML: {exc}"
+        ) from None
 
 
 def _describe(exc: ValidationError) -> str:
+    """One line per refused setting, named as its environment variable."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         name = "PUSHSTREAM_" + "__".join(str(p) for p in error["loc"]).upper()
-        lines.append(f"{name}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}")
+    if len(lines) == 1:
+        return lines[0]
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _describe_unparsed(exc: SettingsError) -> str:
+    """A value pydantic-settings could not parse (a list that is not JSON).
+
+    Its message names the field only ('error parsing value for field "apns"
+    from source ...'); the cause (a JSONDecodeError) says where it broke and
+    never repeats the value, which may hold a secret.
+    """
+    field = re.search(r'field "([^"]+)"', str(exc))
+    name = "PUSHSTREAM_" + field[1].upper() if field else "a PUSHSTREAM_ variable"
+    cause = exc.__cause__
+    why = f" ({cause})" if cause is not None else ""
+    return f"{name}: not valid JSON{why}; lists and nested settings are JSON"

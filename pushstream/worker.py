@@ -6,11 +6,16 @@ pushstream's topics exist with the partition counts the tables need, and runs
 Faust's worker until SIGTERM or SIGINT, after which it stops cleanly (offsets
 committed, tables flushed) and exits with status 0.
 
+Before it joins the consumer group the worker checks what it can: the
+settings, every provider credential, that its web port is free, that Kafka
+answers and that the topics exist. Each failure stops it with exit status 1
+and one line that names the setting to fix.
+
 The worker serves ``GET /health``, ``GET /ready`` and ``GET /metrics`` on its
 web port (:mod:`pushstream.web`): ``/ready`` answers 200 once its partitions
 are assigned and its tables recovered from their changelogs, 503 before
-that and while partitions move. The devices table itself is never served
-over HTTP.
+that, while partitions move and while the broker is unreachable. The
+devices table itself is never served over HTTP.
 
 ``pushstream devices USER`` needs no worker: it reads the user's latest value
 from the devices table's changelog topic in Kafka.
@@ -19,14 +24,17 @@ from the devices table's changelog topic in Kafka.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import click
 import faust
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from pushstream import registry, retry, router, topics, web
 from pushstream.app import DEVICES_TABLE, Pipeline
@@ -114,6 +122,47 @@ async def check_topics(settings: Settings) -> None:
         )
 
 
+def check_web_port(settings: Settings) -> None:
+    """Raise WorkerError when the worker could not listen on its web port.
+
+    Faust opens the port only once the worker runs; found there, a port in
+    use would stop a worker that has joined the group already. Binds the
+    way aiohttp does (SO_REUSEADDR) and lets go at once.
+    """
+    host, port = settings.web_host, settings.web_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise WorkerError(
+            f"PUSHSTREAM_WEB_HOST: {host!r} is not an address ({exc.strerror})"
+        ) from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise WorkerError(
+                    f"PUSHSTREAM_WEB_PORT: {host}:{port} is in use by another "
+                    "process (each worker on a host needs its own port)"
+                ) from None
+            raise WorkerError(
+                f"PUSHSTREAM_WEB_HOST: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
+
+
+def kafka_problem(settings: Settings, exc: Exception) -> str:
+    """The one line that says why Kafka did not answer the worker's first call."""
+    where = f"PUSHSTREAM_KAFKA_BOOTSTRAP: {settings.kafka_bootstrap}"
+    protocol = settings.kafka_security_protocol
+    over = "" if protocol == "PLAINTEXT" else f" over {protocol}"
+    if isinstance(exc, KafkaConnectionError):
+        return f"{where}: no Kafka broker answers there{over}"
+    return f"{where}: Kafka refused the worker{over} ({type(exc).__name__}: {exc})"
+
+
 def run_worker(settings: Settings | None = None) -> NoReturn:
     """Run one worker until SIGTERM/SIGINT; exits 0 after a clean stop.
 
@@ -127,7 +176,11 @@ def run_worker(settings: Settings | None = None) -> NoReturn:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(settings)
     loop.run_until_complete(check_credentials(settings))
-    loop.run_until_complete(check_topics(settings))
+    check_web_port(settings)
+    try:
+        loop.run_until_complete(check_topics(settings))
+    except KafkaError as exc:
+        raise WorkerError(kafka_problem(settings, exc)) from None
     log.info(
         "worker %s starting: kafka %s, topics %s*, %d partitions, data in %s",
         settings.app_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -178,8 +179,8 @@ def _run_worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         PUSHSTREAM_KAFKA_BOOTSTRAP="127.0.0.1:1",
         PUSHSTREAM_DATA_DIR=str(tmp_path / "worker"),
         PUSHSTREAM_WEB_PORT=str(free_port()),
-        **env,
     )
+    full.update(env)
     return subprocess.run(
         [sys.executable, "-m", "pushstream", "worker"],
         env=full,
@@ -239,7 +240,7 @@ def _broken(case: str, tmp_path: Path) -> tuple[dict[str, str], str]:
                     [{"project_id": "p", "service_account_json": "{"}]
                 )
             },
-            "service_account_json",
+            "PUSHSTREAM_FCM__0__SERVICE_ACCOUNT_JSON",
         ),
         (
             "fcm service account key is not a key",
@@ -248,7 +249,7 @@ def _broken(case: str, tmp_path: Path) -> tuple[dict[str, str], str]:
                     [{"project_id": "p", "service_account_file": str(account_file)}]
                 )
             },
-            "service_account_file",
+            "PUSHSTREAM_FCM__0__SERVICE_ACCOUNT_FILE",
         ),
         (
             "wns secret file missing",
@@ -317,3 +318,44 @@ def test_topics_doc_lists_every_topic_and_delivery_field() -> None:
         assert (ROOT / "topics" / f"{spec.name}.json").is_file()
     for name in Delivery.model_fields:
         assert f"| `{name}` |" in text, f"deliveries field {name}"
+
+
+START_UP_PROBLEMS = {
+    "a list that is not JSON": ({"PUSHSTREAM_APNS": "[{bundle"}, "PUSHSTREAM_APNS"),
+    "no broker answers": ({}, "PUSHSTREAM_KAFKA_BOOTSTRAP"),
+    "a bootstrap that is not host:port": (
+        {"PUSHSTREAM_KAFKA_BOOTSTRAP": "localhost:kafka"},
+        "PUSHSTREAM_KAFKA_BOOTSTRAP",
+    ),
+    "a config file that is not TOML": (
+        {"PUSHSTREAM_CONFIG_FILE": "not-toml"},
+        "PUSHSTREAM_CONFIG_FILE",
+    ),
+    "the web port in use": ({}, "PUSHSTREAM_WEB_PORT"),
+}
+
+
+@pytest.mark.parametrize("case", START_UP_PROBLEMS)
+def test_worker_start_up_problem_is_one_line_naming_the_setting(
+    tmp_path: Path, case: str
+) -> None:
+    """An operator would get a traceback to decipher instead of the setting to fix."""
+    env, setting = START_UP_PROBLEMS[case]
+    env = dict(env)
+    if "PUSHSTREAM_CONFIG_FILE" in env:
+        config = tmp_path / "pushstream.toml"
+        config.write_text("partitions = [\n")
+        env["PUSHSTREAM_CONFIG_FILE"] = str(config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if setting == "PUSHSTREAM_WEB_PORT":
+            env["PUSHSTREAM_WEB_PORT"] = str(taken.getsockname()[1])
+        result = _run_worker(tmp_path, **env)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "Error: " in line]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"Error: {setting}: "), result.stderr
+    assert result.stderr.rstrip().endswith(errors[0])

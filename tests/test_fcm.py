@@ -469,16 +469,16 @@ def test_credentials_problems_name_the_setting(tmp_path: Path) -> None:
     )
     with pytest.raises(
         ConfigError,
-        match=r"^PUSHSTREAM_FCM\[0\]\.service_account_file \(project 'p'\): ",
+        match=r"^PUSHSTREAM_FCM__0__SERVICE_ACCOUNT_FILE \(project 'p'\): ",
     ):
         FcmClient.from_settings(missing)
     neither = Settings(fcm=(FcmProject(project_id="p"),))
-    with pytest.raises(ConfigError, match=r"^PUSHSTREAM_FCM\[0\] \(project 'p'\)"):
+    with pytest.raises(ConfigError, match=r"^PUSHSTREAM_FCM__0 \(project 'p'\)"):
         FcmClient.from_settings(neither)
     bad_json = Settings(
         fcm=(FcmProject(project_id="p", service_account_json=SecretStr("{}")),)
     )
-    with pytest.raises(ConfigError, match="service_account_json"):
+    with pytest.raises(ConfigError, match="PUSHSTREAM_FCM__0__SERVICE_ACCOUNT_JSON"):
         FcmClient.from_settings(bad_json)
     both = Settings(
         fcm=(

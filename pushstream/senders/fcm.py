@@ -526,27 +526,27 @@ class FcmCredentials:
     @classmethod
     def from_settings(cls, project: FcmProject, index: int = 0) -> FcmCredentials:
         """Load the project's key; ConfigError naming the setting when it won't do."""
-        prefix = f"PUSHSTREAM_FCM[{index}]"
+        prefix = f"PUSHSTREAM_FCM__{index}"
         which = f"(project {project.project_id!r})"
         given = (project.service_account_file, project.service_account_json)
         if None not in given:
             raise ConfigError(
-                f"{prefix} {which}: set service_account_file or "
-                "service_account_json, not both"
+                f"{prefix} {which}: set SERVICE_ACCOUNT_FILE or "
+                "SERVICE_ACCOUNT_JSON, not both"
             )
         if project.service_account_file is not None:
             account = ServiceAccount.from_file(
                 project.service_account_file,
-                setting=f"{prefix}.service_account_file {which}",
+                setting=f"{prefix}__SERVICE_ACCOUNT_FILE {which}",
             )
         elif project.service_account_json is not None:
             account = ServiceAccount.from_json(
                 project.service_account_json.get_secret_value(),
-                setting=f"{prefix}.service_account_json {which}",
+                setting=f"{prefix}__SERVICE_ACCOUNT_JSON {which}",
             )
         else:
             raise ConfigError(
-                f"{prefix} {which}: set service_account_file or service_account_json"
+                f"{prefix} {which}: set SERVICE_ACCOUNT_FILE or SERVICE_ACCOUNT_JSON"
             )
         return cls(project.project_id, account, project.rate_per_minute)
 
