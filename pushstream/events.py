@@ -438,7 +438,9 @@ class Notification(_Input):
     ttl: Annotated[int, Field(ge=0, le=MAX_TTL_S)] | None = Field(
         default=None,
         description="Seconds from publication (the record's Kafka timestamp); "
-        "0 means now or never: sent once, not stored by the provider.",
+        "0 means now or never: delivered if the device is reachable now, never "
+        "stored by the provider (pushstream itself gives it 30 s to get through "
+        "its pipeline, then reports it expired).",
     )
     expires_at: AwareDatetime | None = None
     collapse_key: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -512,6 +514,11 @@ class Send(_Output):
     )
     expires_at_ms: int | None = Field(
         default=None, description="Not sent after this; None: no expiry."
+    )
+    now_or_never: bool = Field(
+        default=False,
+        description="ttl 0: the provider is told not to store it; expires_at_ms "
+        "is then only pushstream's own grace for its pipeline delay.",
     )
     priority: Literal["high", "normal"] = "high"
     headers: dict[str, str] = Field(

@@ -53,8 +53,13 @@ older than the window are ignored even before either has run.
 
 Expiry: ``expires_at`` is absolute; ``ttl`` counts from the moment the
 notification was published (its Kafka record timestamp), so time spent
-waiting in a lagging partition counts. ``ttl: 0`` means "now or never": the
-router sends it at once and providers are told not to store it.
+waiting in a lagging partition counts. ``ttl: 0`` means "now or never":
+delivered if the device is reachable now, and never stored by a provider
+(each send carries ``now_or_never``, and the renderers ask APNs, FCM and
+WNS not to keep it). Pushstream itself gives such a notification
+:data:`NOW_OR_NEVER_GRACE_S` from its publication to get through routing,
+the send topics and retries; after that it is ``expired`` like any other.
+(An audience copy is re-published, and its grace counts from then.)
 """
 
 from __future__ import annotations
@@ -101,6 +106,14 @@ PAYLOAD_TOO_LARGE = "payload_too_large"
 INVALID_HEADER = "invalid_header"
 RENDER_FAILED = "render_failed"
 ALREADY_SENT = "already_sent"
+
+NOW_OR_NEVER_GRACE_S = 30
+"""Seconds a ``ttl: 0`` notification has, from its publication, to be sent.
+
+Not the provider's time to live (that is zero): pushstream's own allowance
+for its pipeline (routing, the send topic, a quick retry), after which the
+send is ``expired`` instead of reaching a device late.
+"""
 
 
 class Renderer(Protocol):
@@ -187,16 +200,16 @@ def expiry_ms(n: Notification, published_ms: int, now_ms: int) -> int | None:
     """When ``n`` expires, in ms since the epoch; None when it never does.
 
     ``expires_at`` is taken as given; ``ttl`` counts from ``published_ms``
-    (the record's Kafka timestamp). ``ttl == 0`` ("now or never") expires at
-    ``now_ms``, the moment it is routed: it is sent once and not stored by
-    the provider.
+    (the record's Kafka timestamp). ``ttl == 0`` ("now or never") expires
+    :data:`NOW_OR_NEVER_GRACE_S` after its publication: the providers are
+    told not to store it, and this bounds pushstream's own delay.
     """
     if n.expires_at is not None:
         return to_ms(n.expires_at)
     if n.ttl is None:
         return None
     if n.ttl == 0:
-        return now_ms
+        return published_ms + NOW_OR_NEVER_GRACE_S * 1000
     return published_ms + n.ttl * 1000
 
 
@@ -393,6 +406,7 @@ def route(
                 token=target.token,
                 accepted_at_ms=now_ms,
                 expires_at_ms=expires_at_ms,
+                now_or_never=n.ttl == 0,
                 priority=n.priority,
                 headers=rendered.headers,
                 body=rendered.body,

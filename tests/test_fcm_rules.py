@@ -100,6 +100,20 @@ def test_no_expiry_leaves_fcm_default_and_expired_means_now_or_never() -> None:
     assert late["webpush"]["headers"]["TTL"] == "0"
 
 
+def test_now_or_never_is_stored_by_no_one_even_when_retried() -> None:
+    """A ttl 0 message would be kept by FCM, APNs or web push for its grace period."""
+    grace_end = NOW_MS + 30_000
+    body = render(note(ttl=0), TARGET, NOW_MS, grace_end).body
+    message = json.loads(body)["message"]
+
+    assert message["android"]["ttl"] == "0s"
+    assert message["apns"]["headers"]["apns-expiration"] == "0"
+    assert message["webpush"]["headers"]["TTL"] == "0"
+    again = json.loads(fcm.refresh_ttl(body, NOW_MS + 5_000, grace_end))["message"]
+    assert again["android"]["ttl"] == "0s"
+    assert again["webpush"]["headers"]["TTL"] == "0"
+
+
 def test_silent_push_is_a_background_data_message() -> None:
     """iOS would refuse a silent push sent with alert type or priority 10."""
     message = message_of(note(content_available=True, data={"sync": "1"}))

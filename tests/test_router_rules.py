@@ -200,12 +200,26 @@ def test_expires_at_is_absolute() -> None:
     assert router.expiry_ms(note(expires_at=at), NOW - 1, NOW) == to_ms(at)
 
 
-def test_ttl_zero_means_now_and_never_expires_before_routing() -> None:
-    """A "now or never" notification would always be reported expired, never sent."""
-    expires = router.expiry_ms(note(ttl=0), published_ms=NOW - 60_000, now_ms=NOW)
+def test_ttl_zero_has_a_short_grace_from_publication() -> None:
+    """A "now or never" notification would always expire unsent, or go out late."""
+    grace_ms = router.NOW_OR_NEVER_GRACE_S * 1000
+    fresh = router.expiry_ms(note(ttl=0), published_ms=NOW - 1000, now_ms=NOW)
+    stale = router.expiry_ms(note(ttl=0), published_ms=NOW - grace_ms - 1, now_ms=NOW)
 
-    assert expires == NOW
-    assert not router.is_expired(expires, NOW)
+    assert fresh == NOW - 1000 + grace_ms
+    assert not router.is_expired(fresh, NOW)
+    assert router.is_expired(stale, NOW)
+
+
+def test_only_ttl_zero_sends_are_now_or_never() -> None:
+    """Providers would store a ttl 0 push, or drop one that may wait."""
+    grace_end = NOW + router.NOW_OR_NEVER_GRACE_S * 1000
+    now_or_never = route(note(ttl=0), THREE, expires=grace_end).sends
+    timed = route(note(ttl=60), THREE, expires=NOW + 60_000).sends
+
+    assert [s.now_or_never for s in now_or_never] == [True, True, True]
+    assert [s.expires_at_ms for s in now_or_never] == [grace_end] * 3
+    assert [s.now_or_never for s in timed] == [False, False, False]
 
 
 def test_no_ttl_never_expires() -> None:

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
-from pushstream.events import Notification
+from pushstream.events import Notification, Send
 from pushstream.senders import wns, wns_auth
 from pushstream.senders.oauth import TokenError
 from pushstream.senders.result import SendResult, Target
@@ -162,6 +162,36 @@ def test_ttl_is_the_time_left(left_ms: int, ttl: str) -> None:
     r = wns.render(note(title="t"), TARGET, NOW_MS, NOW_MS + left_ms)
 
     assert r.headers["X-WNS-TTL"] == ttl
+
+
+def test_now_or_never_has_no_ttl_and_is_not_cached() -> None:
+    """A ttl 0 toast would wait in WNS's cache for an offline device."""
+    n = note(title="t", ttl=0, wns={"cache_policy": "cache"})
+    h = wns.render(n, TARGET, NOW_MS, NOW_MS + 30_000).headers
+
+    assert "X-WNS-TTL" not in h
+    assert h["X-WNS-Cache-Policy"] == "no-cache"
+
+
+def test_a_retried_now_or_never_send_gets_no_ttl() -> None:
+    """The client would give a ttl 0 toast a TTL of its grace period on a retry."""
+    send = Send(
+        send_id="n1:d1",
+        notification_id="n1",
+        device_id="d1",
+        platform="wns",
+        app="Contoso.App",
+        token=CHANNEL,
+        attempt=2,
+        accepted_at_ms=NOW_MS,
+        expires_at_ms=NOW_MS + 30_000,
+        now_or_never=True,
+        headers={"X-WNS-Type": "wns/toast", "X-WNS-Cache-Policy": "no-cache"},
+        body="<toast/>",
+    )
+    assert "X-WNS-TTL" not in wns._request_headers(send)
+    timed = send.model_copy(update={"now_or_never": False})
+    assert "X-WNS-TTL" in wns._request_headers(timed)
 
 
 def test_body_over_5000_bytes_is_too_large() -> None:

@@ -125,12 +125,15 @@ def render(
 
     Android gets the remaining time to live as ``ttl``, iOS (through FCM) an
     absolute ``apns-expiration``; without an expiry FCM keeps a message for
-    its default of four weeks. ``n.fcm`` blocks are deep-merged last; a None
-    there removes the built value. Headers in its ``apns`` and ``webpush``
-    blocks that break HTTP/2's field rules, or that only a sender sets, set
-    ``invalid_header``.
+    its default of four weeks. A ``ttl`` of 0 ("now or never") is ``"0s"``,
+    ``apns-expiration: 0`` and web push ``TTL: 0``: no one stores it.
+    ``n.fcm`` blocks are deep-merged last; a None there removes the built
+    value. Headers in its ``apns`` and ``webpush`` blocks that break HTTP/2's
+    field rules, or that only a sender sets, set ``invalid_header``.
     """
     remaining_ms = None if expires_at_ms is None else max(0, expires_at_ms - now_ms)
+    if n.ttl == 0:
+        remaining_ms = 0  # expires_at_ms is only pushstream's own grace
     message: dict[str, Any] = {"token": target.token}
     notification = _present(title=n.title, body=n.body, image=n.image)
     if notification:
@@ -197,8 +200,8 @@ def _apns(n: Notification, now_ms: int, expires_at_ms: int | None) -> dict[str, 
     }
     if expires_at_ms is not None:
         # 0: deliver now or never (Apple stores nothing).
-        expiry = expires_at_ms // 1000 if expires_at_ms > now_ms else 0
-        headers["apns-expiration"] = str(expiry)
+        now_or_never = n.ttl == 0 or expires_at_ms <= now_ms
+        headers["apns-expiration"] = "0" if now_or_never else str(expires_at_ms // 1000)
     if n.collapse_key:
         headers["apns-collapse-id"] = n.collapse_key
 

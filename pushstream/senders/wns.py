@@ -87,8 +87,10 @@ def render(
     ``n.wns.raw`` or when there is no text (a data-only push). A toast, tile
     or badge is built from the unified content unless ``n.wns.xml`` is given;
     a raw body is ``n.wns.raw`` or, without it, the content as compact JSON.
-    ``X-WNS-TTL`` is the time left until ``expires_at_ms``. ``too_large`` is
-    set above 5000 bytes.
+    ``X-WNS-TTL`` is the time left until ``expires_at_ms``. A ``ttl`` of 0
+    ("now or never") has no X-WNS-TTL (WNS has no zero) and
+    ``X-WNS-Cache-Policy: no-cache``, so WNS keeps nothing for a device that
+    is offline. ``too_large`` is set above 5000 bytes.
     """
     wns = n.wns or WnsOverrides()
     kind = _kind(n, wns)
@@ -98,10 +100,12 @@ def render(
         "Content-Type": _CONTENT_TYPES[kind],
         "X-WNS-PRIORITY": _PRIORITIES[n.priority],
     }
-    if expires_at_ms is not None:
+    if expires_at_ms is not None and n.ttl != 0:
         headers["X-WNS-TTL"] = str(ttl_seconds(expires_at_ms, now_ms))
     if wns.cache_policy:
         headers["X-WNS-Cache-Policy"] = wns.cache_policy
+    if n.ttl == 0:
+        headers["X-WNS-Cache-Policy"] = "no-cache"
     if wns.tag:
         headers["X-WNS-Tag"] = wns.tag
     if wns.group:
@@ -533,7 +537,7 @@ class WnsClient:
 
 def _request_headers(send: Send) -> dict[str, str]:
     headers = {k: v for k, v in send.headers.items() if k.lower() not in _RESERVED}
-    if send.expires_at_ms is not None:
+    if send.expires_at_ms is not None and not send.now_or_never:
         # The router rendered the TTL for its own moment; a retry goes later.
         now_ms = time.time_ns() // 1_000_000
         headers["X-WNS-TTL"] = str(ttl_seconds(send.expires_at_ms, now_ms))

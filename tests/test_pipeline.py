@@ -1,0 +1,234 @@
+"""The whole pipeline end to end: registrations and notifications in, pushes out.
+
+One ``pushstream worker`` (router, registry and senders) and one sandbox serve
+the module. Each test registers its own user's devices on the sandbox's apps,
+publishes notifications, and checks the deliveries and what the sandbox's
+providers received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Kafka, encode_value, run_sync
+from sandboxproc import SandboxProcess
+from workerproc import Message, WorkerProcess, read_all, wait_consumed
+
+from pushstream import router, topics
+from pushstream.config import Settings
+
+pytestmark = pytest.mark.kafka
+
+APPS = {
+    "apns": "com.example.sandbox",
+    "fcm": "sandbox-project",
+    "wns": "Contoso.Sandbox",
+}
+WAIT_S = 90.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def settings(
+    kafka: Kafka, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    app_id = f"t-pipeline-{uuid.uuid4().hex[:8]}"
+    folder: Path = tmp_path_factory.mktemp("pipeline")
+    settings = Settings(
+        kafka_bootstrap=kafka.bootstrap,
+        topic_prefix=f"{app_id}.",
+        app_id=app_id,
+        data_dir=folder / "data",
+        partitions=2,
+        send_partitions=2,
+    )
+    run_sync(lambda: kafka.create_topics(settings))
+    try:
+        yield settings
+    finally:
+        run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+
+
+def environment(settings: Settings, sandbox: SandboxProcess) -> dict[str, str]:
+    return {
+        **os.environ,
+        **sandbox.env,
+        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "PUSHSTREAM_APP_ID": settings.app_id,
+        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
+        "PUSHSTREAM_PARTITIONS": str(settings.partitions),
+        "PUSHSTREAM_SEND_PARTITIONS": str(settings.send_partitions),
+        "PUSHSTREAM_SEND_BATCH_SIZE": "10",
+        "PUSHSTREAM_RETRY_BASE_S": "0.05",
+        "PUSHSTREAM_RETRY_MAX_S": "0.2",
+    }
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings, sandbox: SandboxProcess) -> Iterator[WorkerProcess]:
+    log = settings.data_dir.parent / "worker.log"
+    with WorkerProcess(environment(settings, sandbox), log_path=log) as process:
+        yield process
+
+
+@pytest.fixture
+def pipeline(
+    settings: Settings, worker: WorkerProcess, sandbox: SandboxProcess
+) -> Settings:
+    """The module's worker, running, with the sandbox's records cleared."""
+    assert worker.running, worker.log_tail()
+    sandbox.reset()
+    return settings
+
+
+# --- publishing and reading ------------------------------------------------------
+
+
+async def register_three(
+    kafka: Kafka, settings: Settings, sandbox: SandboxProcess, user: str
+) -> dict[str, str]:
+    """Register a phone (APNs), a tablet (FCM) and a laptop (WNS): platform -> token."""
+    tokens = {
+        "apns": uuid.uuid4().hex * 2,
+        "fcm": f"ok-{uuid.uuid4().hex}",
+        "wns": sandbox.wns_channel(APPS["wns"]),
+    }
+    records = [
+        (
+            user,
+            {
+                "type": "register",
+                "user_id": user,
+                "device_id": f"{platform}-device",
+                "platform": platform,
+                "token": token,
+                "app": APPS[platform],
+                "event_time": datetime.now(UTC).isoformat(),
+            },
+        )
+        for platform, token in tokens.items()
+    ]
+    await kafka.produce(settings.topic(topics.REGISTRATIONS), records)
+    await wait_consumed(settings)  # the devices are in the table
+    return tokens
+
+
+async def notify(
+    settings: Settings,
+    user: str,
+    value: dict[str, Any],
+    published_ms: int | None = None,
+) -> None:
+    """Publish one notification keyed by its user, stamped ``published_ms``."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.topic(topics.NOTIFICATIONS),
+            encode_value(value),
+            key=user.encode(),
+            timestamp_ms=published_ms,
+        )
+    finally:
+        await producer.stop()
+
+
+async def wait_for(
+    settings: Settings,
+    topic: str,
+    match: Callable[[list[Message]], bool],
+    *,
+    within: float = WAIT_S,
+) -> list[Message]:
+    """Read ``topic`` until ``match`` accepts its records; fail after ``within``."""
+    deadline = time.monotonic() + within
+    while True:
+        records = await read_all(settings, settings.topic(topic))
+        if match(records):
+            return records
+        if time.monotonic() > deadline:
+            pytest.fail(f"{topic}: no match within {within:.0f}s: {records!r}"[:3000])
+        await asyncio.sleep(0.5)
+
+
+async def deliveries(
+    settings: Settings, notification_id: str, count: int
+) -> list[dict[str, Any]]:
+    """Wait for ``count`` deliveries of a notification and return them."""
+
+    def of(records: list[Message]) -> list[dict[str, Any]]:
+        return [r.value for r in records if r.key == notification_id]
+
+    records = await wait_for(
+        settings, topics.DELIVERIES, lambda rs: len(of(rs)) >= count
+    )
+    return of(records)
+
+
+# --- ttl 0: now or never ----------------------------------------------------------
+
+
+async def test_now_or_never_is_delivered_everywhere_and_stored_nowhere(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A ttl 0 notification would never be sent, or be kept by a provider for later."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    tokens = await register_three(kafka, pipeline, sandbox, user)
+
+    await notify(pipeline, user, {"id": nid, "title": "Now", "ttl": 0})
+    found = await deliveries(pipeline, nid, 3)
+
+    assert sorted((d["platform"], d["outcome"]) for d in found) == [
+        ("apns", "delivered"),
+        ("fcm", "delivered"),
+        ("wns", "delivered"),
+    ]
+    [apns] = sandbox.accepted("apns")
+    assert apns["token"] == tokens["apns"]
+    assert apns["headers"]["apns-expiration"] == "0"
+    [fcm] = sandbox.accepted("fcm")
+    assert fcm["message"]["android"]["ttl"] == "0s"
+    assert fcm["message"]["apns"]["headers"]["apns-expiration"] == "0"
+    [wns] = sandbox.accepted("wns")
+    assert "x-wns-ttl" not in wns["headers"]
+    assert wns["headers"]["x-wns-cache-policy"] == "no-cache"
+
+
+async def test_now_or_never_past_its_grace_is_expired_and_not_sent(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A ttl 0 notification that waited in Kafka would still buzz phones much later."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    await register_three(kafka, pipeline, sandbox, user)
+    late = now_ms() - (router.NOW_OR_NEVER_GRACE_S + 5) * 1000
+    later = f"n-{uuid.uuid4().hex[:8]}"
+
+    await notify(pipeline, user, {"id": nid, "title": "Late", "ttl": 0}, late)
+    await notify(pipeline, user, {"id": later, "title": "Now", "ttl": 0})
+    await deliveries(pipeline, later, 3)
+    [found] = await deliveries(pipeline, nid, 1)
+
+    assert (found["outcome"], found["reason"]) == ("expired", "expired")
+    assert len(sandbox.accepted("apns")) == 1
+    sends = await read_all(pipeline, pipeline.topic("sends.apns"))
+    assert [m for m in sends if m.value["notification_id"] == nid] == []
