@@ -23,7 +23,8 @@ export PUSHSTREAM_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT)
 .PHONY: help venv lint format broker broker-down test deploy-check demo bench clean
 
 help:
-	@echo "make demo         the whole pipeline on a sample: broker, topics, sandbox, worker"
+	@echo "make demo         a sample through broker, topics, sandbox and worker; prints the outcomes"
+	@echo "                  (options: make demo DEMO_ARGS=\"--users 1000\", see pushstream demo --help)"
 	@echo "make test         lint, start a broker if none runs, run the whole test suite"
 	@echo "make deploy-check helm lint the chart, validate docker-compose.yml (builds helm)"
 	@echo "make venv         create .venv and install pushstream with its dev tools"
@@ -32,7 +33,7 @@ help:
 	@echo "make broker       start the local Kafka broker (127.0.0.1:$(PUSHSTREAM_KAFKA_PORT))"
 	@echo "make broker-down  stop it"
 	@echo "make bench        run the benchmarks"
-	@echo "make clean        remove the virtualenv, caches, jars and broker data"
+	@echo "make clean        stop the broker; remove the virtualenv, caches, jars and broker data"
 
 venv: $(STAMP)
 
