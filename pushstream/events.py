@@ -521,6 +521,12 @@ class Send(_Output):
         "is then only pushstream's own grace for its pipeline delay.",
     )
     priority: Literal["high", "normal"] = "high"
+    replay: bool = Field(
+        default=False,
+        description="The router made this send again: it handled the same "
+        "notification record a second time, after a worker died before "
+        "committing it. The first send may have reached the device.",
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Provider headers, without authorization."
     )
@@ -600,6 +606,11 @@ class Delivery(_Output):
     )
     completed_at_ms: int = Field(description="When this outcome was decided.")
     latency_ms: int = Field(description="completed_at_ms - accepted_at_ms.")
+    replay: bool = Field(
+        default=False,
+        description="The outcome of a send made again after a crash (the "
+        "send's replay): an earlier record with this send_id may exist.",
+    )
 
 
 # --- token-events (key: user id) ----------------------------------------------------

@@ -94,6 +94,13 @@ RETRIES = Counter(
     ["platform", "reason"],
     registry=REGISTRY,
 )
+REPLAYED_SENDS = Counter(
+    "pushstream_replayed_sends",
+    "Sends the router made again because it handled a notification record "
+    "a second time (a worker died before committing it).",
+    ["platform"],
+    registry=REGISTRY,
+)
 DEAD_LETTERS = Counter(
     "pushstream_dead_letters",
     "Messages put on the dead-letters topic, by the topic they came from "
@@ -129,6 +136,7 @@ BUILD_INFO = Gauge(
 BUILD_INFO.labels(version=__version__).set(1)
 for _platform in PLATFORMS:
     IN_FLIGHT.labels(platform=_platform).set(0)
+    REPLAYED_SENDS.labels(platform=_platform)
 
 _known_apps: frozenset[str] = frozenset()
 
@@ -191,6 +199,11 @@ def delivery(event: Delivery) -> None:
 def retry_scheduled(platform: str, reason: str) -> None:
     """One send put on the retries topic."""
     RETRIES.labels(platform=platform_label(platform), reason=reason_code(reason)).inc()
+
+
+def replayed_send(platform: str) -> None:
+    """One send made again for a notification record handled a second time."""
+    REPLAYED_SENDS.labels(platform=platform_label(platform)).inc()
 
 
 def dead_letter(source_topic: str, stage: str) -> None:

@@ -46,7 +46,9 @@ devices a notification was sent to and by which record (its offset). The same
 id arriving again in another record yields ``duplicate`` for those devices;
 the *same* record handled again, which is what happens when a worker dies
 before committing its offset, sends again, so a crash can cause a bounded
-number of repeated sends but never loses one. Entries are forgotten after
+number of repeated sends but never loses one. Those sends are marked
+``replay`` (their deliveries too) and counted in
+``pushstream_replayed_sends_total``. Entries are forgotten after
 ``dedup_window_s``: the table's RocksDB store drops them (rocksdict TTL), its
 changelog topic deletes them (``cleanup.policy=compact,delete``), and entries
 older than the window are ignored even before either has run.
@@ -367,7 +369,8 @@ def route(
 
     ``targets`` are the live targets before filtering; ``previous`` is the
     dedup entry; ``offset`` names the record in hand, so a record handled a
-    second time (after a crash) sends again instead of reporting duplicates.
+    second time (after a crash) sends again instead of reporting duplicates,
+    and those sends are marked ``replay``.
     """
     if not targets:
         return Routing([], [_outcome(n, user_id, now_ms, "dropped", NO_DEVICES)], None)
@@ -408,6 +411,7 @@ def route(
                 expires_at_ms=expires_at_ms,
                 now_or_never=n.ttl == 0,
                 priority=n.priority,
+                replay=target.device_id in before,
                 headers=rendered.headers,
                 body=rendered.body,
             )
@@ -594,6 +598,8 @@ class Router:
         # Publishing only queues each record: the producer batches them and
         # Faust flushes it before committing this record's offset.
         for send in routing.sends:
+            if send.replay:
+                metrics.replayed_send(send.platform)
             await self._pipeline.publish(SENDS[send.platform], send.send_id, send)
         for delivery in routing.deliveries:
             metrics.delivery(delivery)

@@ -129,6 +129,23 @@ def test_delivery_counter_labels_hold_no_ids() -> None:
     assert 'app="other"' in line
 
 
+def test_replayed_sends_are_counted_per_platform() -> None:
+    """Repeated sends after a crash would go uncounted, or count as new ones."""
+
+    def value(platform: str) -> float:
+        sample = metrics.REGISTRY.get_sample_value(
+            "pushstream_replayed_sends_total", {"platform": platform}
+        )
+        return sample or 0.0
+
+    before = {platform: value(platform) for platform in ("apns", "fcm", "wns")}
+    metrics.replayed_send("fcm")
+    metrics.replayed_send("fcm")
+
+    assert value("fcm") == before["fcm"] + 2
+    assert (value("apns"), value("wns")) == (before["apns"], before["wns"])
+
+
 def test_metric_names_follow_prometheus_conventions() -> None:
     """Dashboards and alerts rely on _total counters and base units."""
     metrics.delivery(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import Kafka, encode_value, run_sync
 from sandboxproc import SandboxProcess
-from workerproc import Message, WorkerProcess, read_all, wait_consumed
+from workerproc import Message, WorkerProcess, read_all, read_table, wait_consumed
 
 from pushstream import router, topics
 from pushstream.config import Settings
@@ -212,6 +213,7 @@ async def test_now_or_never_is_delivered_everywhere_and_stored_nowhere(
     [wns] = sandbox.accepted("wns")
     assert "x-wns-ttl" not in wns["headers"]
     assert wns["headers"]["x-wns-cache-policy"] == "no-cache"
+    assert [d["replay"] for d in found] == [False, False, False]
 
 
 async def test_now_or_never_past_its_grace_is_expired_and_not_sent(
@@ -232,3 +234,99 @@ async def test_now_or_never_past_its_grace_is_expired_and_not_sent(
     assert len(sandbox.accepted("apns")) == 1
     sends = await read_all(pipeline, pipeline.topic("sends.apns"))
     assert [m for m in sends if m.value["notification_id"] == nid] == []
+
+
+# --- a crash before the commit: sends made again, marked replay ---------------------
+
+
+async def rewind(settings: Settings, partition: int, offset: int) -> None:
+    """Set the worker group's committed offset of one notifications partition.
+
+    Kafka accepts it once the group is empty: after a kill, once the dead
+    member's session has timed out.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
+
+    tp = TopicPartition(settings.topic(topics.NOTIFICATIONS), partition)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.app_id,
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.commit({tp: offset})
+            return
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            await consumer.stop()
+        await asyncio.sleep(1.0)
+
+
+def scrape(worker: WorkerProcess, name: str, platform: str) -> float:
+    """One sample of the worker's /metrics, 0 when absent."""
+    url = f"http://127.0.0.1:{worker.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    wanted = f'{name}{{platform="{platform}"}} '
+    rows = [row for row in text.splitlines() if row.startswith(wanted)]
+    return float(rows[0].split()[-1]) if rows else 0.0
+
+
+async def test_sends_made_again_after_a_crash_are_marked_replay(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess, worker: WorkerProcess
+) -> None:
+    """Analytics could not tell a repeat after a crash from a second notification."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    await register_three(kafka, pipeline, sandbox, user)
+    await notify(pipeline, user, {"id": nid, "title": "Once"})
+    first = await deliveries(pipeline, nid, 3)
+    await wait_until_routed(pipeline, user, nid)
+    [record] = [
+        m
+        for m in await read_all(pipeline, pipeline.topic(topics.NOTIFICATIONS))
+        if m.value["id"] == nid
+    ]
+
+    # The worker dies; its commit of the notification had not happened yet.
+    worker.kill()
+    await rewind(pipeline, record.partition, record.offset)
+    worker.start()
+    found = await wait_for(
+        pipeline,
+        topics.DELIVERIES,
+        lambda rs: len({r.value["platform"] for r in rs if replayed(r, nid)}) == 3,
+    )
+
+    assert {d["replay"] for d in first} == {False}
+    again = [r.value for r in found if replayed(r, nid)]
+    assert {d["outcome"] for d in again} == {"delivered"}
+    assert {d["send_id"] for d in again} == {d["send_id"] for d in first}
+    for platform in ("apns", "fcm", "wns"):
+        sends = await read_all(pipeline, pipeline.topic(f"sends.{platform}"))
+        marks = [m.value["replay"] for m in sends if m.value["notification_id"] == nid]
+        assert marks[0] is False
+        assert True in marks[1:]
+        assert scrape(worker, "pushstream_replayed_sends_total", platform) == 1.0
+
+
+def replayed(record: Message, notification_id: str) -> bool:
+    return record.key == notification_id and record.value.get("replay") is True
+
+
+async def wait_until_routed(
+    settings: Settings, user: str, notification_id: str
+) -> None:
+    """Wait until the routed table's changelog remembers the notification."""
+    key = router.routed_key(user.encode(), notification_id).decode()
+    deadline = time.monotonic() + WAIT_S
+    while key not in await read_table(settings, "routed"):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{notification_id} never reached the routed table")
+        await asyncio.sleep(0.5)

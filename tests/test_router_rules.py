@@ -475,15 +475,26 @@ def test_devices_already_sent_by_another_record_are_duplicates() -> None:
     assert routing.sent == Sent(NOW - 60_000, {"phone": 3, "tablet": 3, "laptop": 9})
 
 
-def test_the_same_record_handled_again_sends_again() -> None:
-    """After a crash before the commit, replayed sends would be lost as duplicates."""
-    previous = Sent(NOW - 100, {"phone": 7, "tablet": 7, "laptop": 7})
+def test_the_same_record_handled_again_sends_again_marked_replay() -> None:
+    """After a crash, repeated sends would be lost as duplicates, or look new."""
+    previous = Sent(NOW - 100, {"phone": 7, "tablet": 7})
 
     routing = route(note(), THREE, previous=previous, offset=7)
 
-    assert [s.device_id for s in routing.sends] == ["phone", "tablet", "laptop"]
+    assert [(s.device_id, s.replay) for s in routing.sends] == [
+        ("phone", True),
+        ("tablet", True),
+        ("laptop", False),
+    ]
     assert routing.deliveries == []
-    assert routing.sent is None
+    assert routing.sent == Sent(NOW - 100, {"phone": 7, "tablet": 7, "laptop": 7})
+
+
+def test_a_first_routing_is_no_replay() -> None:
+    """Every ordinary send would be counted as a repeat after a crash."""
+    routing = route(note(), THREE, previous=None, offset=7)
+
+    assert [s.replay for s in routing.sends] == [False, False, False]
 
 
 def test_rotated_token_on_a_sent_device_is_a_duplicate() -> None:

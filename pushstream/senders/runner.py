@@ -178,6 +178,7 @@ def delivery_for(
         sent_at_ms=sent_at_ms,
         completed_at_ms=now_ms,
         latency_ms=max(0, now_ms - send.accepted_at_ms),
+        replay=send.replay,
     )
 
 
