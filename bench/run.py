@@ -74,11 +74,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mix", default="apns=0.5,fcm=0.35,wns=0.15")
     parser.add_argument("--passthrough", type=int, default=20_000, help="0: skip")
     parser.add_argument("--h2load", type=int, default=20_000, help="0: skip")
-    # One connection: APNs (and the sandbox) start a connection at one stream
-    # and refuse the streams over it until the first request is answered,
-    # which h2load counts as errors when it opens several connections at once.
-    parser.add_argument("--h2load-connections", type=int, default=1)
-    parser.add_argument("--h2load-streams", type=int, default=100)
+    # 10 x 10 in flight: APNs (and the sandbox) open a connection at one
+    # stream and refuse the streams over it until the first request is
+    # answered; h2load gives up a connection that opened 100 at once.
+    parser.add_argument("--h2load-connections", type=int, default=10)
+    parser.add_argument("--h2load-streams", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="py-spy the worker")
     parser.add_argument("--memory", action="store_true", help="the memory run only")
     parser.add_argument("--memory-devices", type=int, default=1_000_000)
@@ -537,8 +537,8 @@ async def memory_run(
     )
     return {
         "devices": count,
-        "worker_rss_mb": round(rss, 1),
-        "worker_peak_rss_mb": round(peak, 1),
+        "worker_rss_mib": round(rss, 1),
+        "worker_peak_rss_mib": round(peak, 1),
         "apply_per_s": round(count / applied_s, 1),
     }
 
