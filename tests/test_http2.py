@@ -559,3 +559,33 @@ async def test_legal_headers_of_every_shape_are_sent(
         response = await pool.request("POST", "/ok", headers, b"x", timeout=GUARD)
     assert response.status == 200
     assert handler.seen[0].headers["apns-collapse-id"] == "a b~!"
+
+
+async def test_goaway_for_a_protocol_error_says_so(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A connection closed for our protocol error would look like an outage."""
+
+    async def handler(req: Request) -> Response:
+        if req.path == "/poison":
+            last = max((req.stream_id or 1) - 2, 0)
+            req.conn.send_goaway(1, "malformed request", last_stream_id=last)
+        return Response(200)
+
+    server = await serve(handler)
+    conn = await connect(server, client_context)
+    with pytest.raises(ConnectionLost) as caught:
+        await conn.request("POST", "/poison", timeout=GUARD)
+    assert caught.value.protocol_error
+    assert caught.value.retryable
+
+    quiet = await serve(_shutdown)
+    conn = await connect(quiet, client_context)
+    with pytest.raises(ConnectionLost) as shutdown:
+        await conn.request("POST", "/x", timeout=GUARD)
+    assert not shutdown.value.protocol_error
+
+
+async def _shutdown(req: Request) -> Response:
+    req.conn.send_goaway(0, "Shutdown", last_stream_id=0)
+    return Response(503)
