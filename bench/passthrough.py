@@ -8,28 +8,39 @@ HTTP, values of the sizes the pipeline's own records have, the producer's
 acks and linger as Faust's. Its rate is what the worker could reach if its
 own work cost nothing.
 
+:func:`run_faust` measures the same two hops as a Faust worker built like
+pushstream's (:class:`~pushstream.app.Pipeline`: its settings, raw topics,
+agents with concurrency 1 iterating ``stream.events()``, ``topic.send``)
+whose agents do nothing else: the cost of the stream framework itself. It
+runs ``python bench/passthrough.py faust-worker`` as the worker process.
+
 Used by ``bench/run.py``; the topics are ``<prefix>pt.in``, ``pt.mid`` and
-``pt.out``.
+``pt.out``, and for the Faust run pushstream's own under ``<prefix>noop.``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pushstream import topics
-from pushstream.config import Settings
+from pushstream import localstack, topics
+from pushstream.app import DELIVERIES, NOTIFICATIONS, SENDS, Pipeline
+from pushstream.config import Settings, load_settings
 from pushstream.events import Notification, Send
 from pushstream.senders import apns
 from pushstream.senders.result import Target
 from pushstream.senders.runner import delivery_for
 
 WITHIN_S = 600.0
+HERE = Path(__file__).resolve()
 
 
 @dataclass(frozen=True)
@@ -181,3 +192,105 @@ async def run(
         await producer.stop()
         await consumer.stop()
     return len(records) * (written / expected) / elapsed if elapsed > 0 else 0.0
+
+
+# --- the same hops as a Faust worker that does nothing else ---------------------
+
+
+def faust_pipeline(settings: Settings, send_size: int, delivery_size: int) -> Pipeline:
+    """notifications -> sends.apns -> deliveries, agents that only forward."""
+    pipeline = Pipeline(settings)
+    send_value, delivery_value = b"s" * send_size, b"d" * delivery_size
+    sends, deliveries = pipeline.topics[SENDS["apns"]], pipeline.topics[DELIVERIES]
+
+    async def route(stream: object) -> None:
+        async for event in stream.events():  # type: ignore[attr-defined]
+            await sends.send(key=event.message.key, value=send_value)
+
+    async def send(stream: object) -> None:
+        async for event in stream.events():  # type: ignore[attr-defined]
+            await deliveries.send(key=event.message.key, value=delivery_value)
+
+    app = pipeline.app
+    app.agent(pipeline.topics[NOTIFICATIONS], name="noop.route", concurrency=1)(route)
+    app.agent(sends, name="noop.send", concurrency=1)(send)
+    return pipeline
+
+
+def serve_faust() -> None:
+    """The worker process of :func:`run_faust` (settings from the environment)."""
+    import faust
+
+    settings = load_settings()
+    pipeline = faust_pipeline(
+        settings,
+        int(os.environ["NOOP_SEND_SIZE"]),
+        int(os.environ["NOOP_DELIVERY_SIZE"]),
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = faust.Worker(pipeline.app, loop=loop, loglevel="WARNING", quiet=True)
+    worker.spinner = None
+    worker.execute_from_commandline()
+
+
+async def run_faust(
+    settings: Settings, records: Sequence[tuple[bytes, bytes]], folder: Path
+) -> float:
+    """Input records per second through the no-op Faust worker.
+
+    The worker starts on empty topics; once a first record has come out, the
+    records are published as fast as the producer takes them, and the clock
+    runs from the first publish to the last record on deliveries.
+    """
+    noop = settings.model_copy(
+        update={
+            "topic_prefix": settings.topic_prefix + "noop.",
+            "app_id": settings.app_id + "-noop",
+            "data_dir": folder / "noop",
+        }
+    )
+    report = await topics.ensure_topics(noop)
+    assert report.ok, report.problems
+    size = sizes(records[0][1])
+    env = localstack.worker_env(
+        noop,
+        NOOP_SEND_SIZE=str(size.send),
+        NOOP_DELIVERY_SIZE=str(size.delivery),
+    )
+    worker = localstack.WorkerChild(env, folder / "noop-worker.log")
+    worker.argv = [sys.executable, str(HERE), "faust-worker"]
+    out = await localstack.partitions(noop, (DELIVERIES,))
+    notifications = noop.topic(NOTIFICATIONS)
+    ends = AIOKafkaConsumer(
+        bootstrap_servers=noop.kafka_bootstrap, **topics.kafka_security(noop)
+    )
+    await ends.start()
+    await worker.start()
+    try:
+        await fill(noop, notifications, records[:1])
+        await _wait_for(ends, out, 1, worker)
+        began = time.monotonic()
+        await fill(noop, notifications, records)
+        await _wait_for(ends, out, 1 + len(records), worker)
+        return len(records) / (time.monotonic() - began)
+    finally:
+        await worker.stop()
+        await ends.stop()
+
+
+async def _wait_for(
+    consumer: AIOKafkaConsumer, tps: list[object], count: int, worker: localstack.Child
+) -> None:
+    """Until ``count`` records are in ``tps``; fails if the worker exits."""
+    deadline = time.monotonic() + WITHIN_S
+    while sum((await consumer.end_offsets(tps)).values()) < count:
+        if not worker.running:
+            raise worker.failed("exited")
+        if time.monotonic() > deadline:
+            raise worker.failed(f"fewer than {count} records out in {WITHIN_S:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["faust-worker"]:
+    serve_faust()

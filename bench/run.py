@@ -15,13 +15,16 @@ One run, on fresh topics (``bench-<tag>.``, deleted at the end):
 5. the raw limits, with the worker stopped: h2load against the sandbox's
    APNs endpoint with a valid provider token (our own HTTP/2 loop when
    h2load is missing, said so in the output), then an aiokafka
-   consume-and-produce pass-through that does no work (``passthrough.py``).
+   consume-and-produce pass-through that does no work, and the same two hops
+   in a Faust worker built like pushstream's whose agents do no work
+   (``passthrough.py``).
 
 It prints a table, then one JSON line: ``{"notifications_per_s", "p50_ms",
 "p99_ms", "kafka_passthrough_per_s", "sandbox_http2_per_s",
 "ratio_to_limit"}``; the latencies are the steady phase's, and
 ``ratio_to_limit`` is ours over the smaller of the two limits (the HTTP/2
-one divided by the devices per notification).
+one divided by the devices per notification); ``faust_noop_per_s``, the
+no-op Faust worker's rate, is added after them.
 
 ``--memory`` measures something else instead: the worker's resident memory
 with ``--memory-devices`` devices (default 1,000,000) in the table.
@@ -444,13 +447,15 @@ async def full_run(
             h2_rate, h2_what = measured
     await sandbox.stop()
 
-    pt_rate = 0.0
+    pt_rate = noop_rate = 0.0
     if args.passthrough:
         values = [
             (e2e.user_id(i % args.users).encode(), e2e.notification(f"pt-{i}", i))
             for i in range(args.passthrough)
         ]
         pt_rate = await passthrough.run(settings, values, fanout=args.devices)
+        if args.devices == 1:
+            noop_rate = await passthrough.run_faust(settings, values, folder)
 
     burst = runs[0]
     latency = runs[-1]
@@ -463,6 +468,8 @@ async def full_run(
         f"  raw limit, sandbox APNs over HTTP/2: {h2_rate:,.0f} requests/s ({h2_what})",
         f"  raw limit, Kafka pass-through: {pt_rate:,.0f} notifications/s "
         f"(aiokafka, 2 hops x {args.devices} device(s), no work)",
+        f"  the same two hops in a Faust worker built like ours, agents doing "
+        f"nothing: {noop_rate:,.0f} notifications/s",
         f"  ours / smaller limit: {burst.notifications_per_s / limit:.2f}"
         if limit
         else "  no limit measured",
@@ -477,6 +484,7 @@ async def full_run(
         "ratio_to_limit": round(burst.notifications_per_s / limit, 3)
         if limit
         else None,
+        "faust_noop_per_s": round(noop_rate, 1),
     }
 
 
