@@ -46,7 +46,9 @@ MAX_BODY_BYTES = 5000  # WNS answers 413 above this (PROTOCOLS.md 3.3).
 MAX_REASON_DETAIL = 200
 # HTTP/1.1 carries one request per connection at a time, and channels are
 # spread over many regional hosts: the pool, not a per-host count, bounds it.
-MAX_CONNECTIONS = 100
+# httpcore walks every pooled connection for each request, so a larger pool
+# costs CPU on every send: 100 connections took a fifth of a busy worker.
+MAX_CONNECTIONS = 24
 
 _CONTENT_TYPES = {
     "toast": "text/xml",
