@@ -330,3 +330,113 @@ async def wait_until_routed(
         if time.monotonic() > deadline:
             pytest.fail(f"{notification_id} never reached the routed table")
         await asyncio.sleep(0.5)
+
+
+# --- each provider end to end: delivered, dead tokens leave the table --------------
+
+
+async def test_a_notification_reaches_every_platform_with_the_providers_id(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """Analytics could not match a delivery to what the provider accepted."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    tokens = await register_three(kafka, pipeline, sandbox, user)
+
+    await notify(pipeline, user, {"id": nid, "title": "Hello", "body": "there"})
+    found = {d["platform"]: d for d in await deliveries(pipeline, nid, 3)}
+
+    for platform, token in tokens.items():
+        delivery = found[platform]
+        assert (delivery["outcome"], delivery["status"]) == ("delivered", 200)
+        [accepted] = sandbox.accepted(platform)
+        assert accepted["token"] == token
+        assert accepted["provider_id"] == delivery["provider_message_id"]
+        assert delivery["device_id"] == f"{platform}-device"
+
+
+def dead_token(platform: str, sandbox: SandboxProcess) -> str:
+    """A token the sandbox answers as dead (410, UNREGISTERED, 410)."""
+    if platform == "apns":
+        return "dead0000" + uuid.uuid4().hex + uuid.uuid4().hex[:24]
+    if platform == "fcm":
+        return f"unregistered-{uuid.uuid4().hex}"
+    return sandbox.wns_channel(APPS["wns"], scenario="expired")
+
+
+@pytest.mark.parametrize("platform", ["apns", "fcm", "wns"])
+async def test_a_dead_token_is_invalidated_in_the_table(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess, platform: str
+) -> None:
+    """A dead token would be pushed forever, its app never asked to register again."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    token = dead_token(platform, sandbox)
+    register = {
+        "type": "register",
+        "user_id": user,
+        "device_id": "dead-device",
+        "platform": platform,
+        "token": token,
+        "app": APPS[platform],
+        "event_time": datetime.now(UTC).isoformat(),
+    }
+    await kafka.produce(pipeline.topic(topics.REGISTRATIONS), [(user, register)])
+    await wait_consumed(pipeline)
+
+    await notify(pipeline, user, {"id": nid, "title": "Anyone there?"})
+    [delivery] = await deliveries(pipeline, nid, 1)
+    assert (delivery["platform"], delivery["outcome"]) == (platform, "invalid_token")
+
+    def types(records: list[Message]) -> set[str]:
+        return {r.value["type"] for r in records if r.key == user}
+
+    await wait_for(
+        pipeline,
+        topics.TOKEN_EVENTS,
+        lambda rs: {"invalidated", "reregister_requested"} <= types(rs),
+    )
+    await wait_consumed(pipeline)
+    table = await read_table(pipeline, "devices")
+    [device] = table[user]["devices"]
+    assert (device["device_id"], device["token"], device["state"]) == (
+        "dead-device",
+        token,
+        "invalid",
+    )
+
+    again = f"n-{uuid.uuid4().hex[:8]}"
+    await notify(pipeline, user, {"id": again, "title": "Still there?"})
+    [dropped] = await deliveries(pipeline, again, 1)
+    assert (dropped["outcome"], dropped["reason"]) == ("dropped", "no_devices")
+
+
+async def test_an_fcm_quota_burst_ends_delivered_after_retry_after(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """A throttled project would lose its pushes, or hammer FCM before Retry-After."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    sandbox.scenario(platform="fcm", settings={"quota_failures": 2})
+    register = {
+        "type": "register",
+        "user_id": user,
+        "device_id": "tablet",
+        "platform": "fcm",
+        "token": f"quota-{uuid.uuid4().hex}",
+        "app": APPS["fcm"],
+        "event_time": datetime.now(UTC).isoformat(),
+    }
+    await kafka.produce(pipeline.topic(topics.REGISTRATIONS), [(user, register)])
+    await wait_consumed(pipeline)
+
+    await notify(pipeline, user, {"id": nid, "title": "Busy"})
+    [delivery] = await deliveries(pipeline, nid, 1)
+
+    assert (delivery["outcome"], delivery["attempts"]) == ("delivered", 3)
+    retries = [
+        r.value
+        for r in await read_all(pipeline, pipeline.topic(topics.RETRIES))
+        if r.value["send"]["notification_id"] == nid
+    ]
+    assert [r["status"] for r in retries] == [429, 429]
+    assert sandbox.stats()["fcm"]["statuses"] == {"429": 2, "200": 1}
+    # The sandbox asks for one second; the worker's own backoff is 0.05 s.
+    assert delivery["completed_at_ms"] - delivery["accepted_at_ms"] >= 2000
