@@ -13,7 +13,7 @@ import os
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from conftest import Kafka, encode_value, run_sync
 from sandboxproc import SandboxProcess
-from workerproc import Message, WorkerProcess, read_all, read_table, wait_consumed
+from workerproc import (
+    Message,
+    WorkerProcess,
+    read_all,
+    read_table,
+    wait_consumed,
+    wait_for,
+)
 
 from pushstream import router, topics
 from pushstream.config import Settings
@@ -152,24 +159,6 @@ async def notify(
         )
     finally:
         await producer.stop()
-
-
-async def wait_for(
-    settings: Settings,
-    topic: str,
-    match: Callable[[list[Message]], bool],
-    *,
-    within: float = WAIT_S,
-) -> list[Message]:
-    """Read ``topic`` until ``match`` accepts its records; fail after ``within``."""
-    deadline = time.monotonic() + within
-    while True:
-        records = await read_all(settings, settings.topic(topic))
-        if match(records):
-            return records
-        if time.monotonic() > deadline:
-            pytest.fail(f"{topic}: no match within {within:.0f}s: {records!r}"[:3000])
-        await asyncio.sleep(0.5)
 
 
 async def deliveries(

@@ -12,14 +12,14 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Kafka, run_sync
 from sandboxproc import SandboxProcess
-from workerproc import Message, WorkerProcess, read_all
+from workerproc import Message, WorkerProcess, read_all, wait_for
 
 from pushstream.config import Settings
 from pushstream.events import Notification, Platform, Send
@@ -93,26 +93,6 @@ async def publish(kafka: Kafka, settings: Settings, *sends: Send) -> None:
     for send in sends:
         topic = settings.topic(f"sends.{send.platform}")
         await kafka.produce(topic, [(send.send_id, send)])
-
-
-async def wait_for(
-    settings: Settings,
-    topic: str,
-    match: Callable[[list[Message]], bool],
-    *,
-    within: float = WAIT_S,
-) -> list[Message]:
-    """Read ``topic`` until ``match`` accepts its records; fail after ``within``."""
-    deadline = time.monotonic() + within
-    while True:
-        records = await read_all(settings, settings.topic(topic))
-        if match(records):
-            return records
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"{topic}: no match within {within:.0f}s; got {records!r}"[:3000]
-            )
-        await asyncio.sleep(0.5)
 
 
 def outcomes(records: list[Message], sends: list[Send]) -> dict[str, list[Any]]:

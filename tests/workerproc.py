@@ -44,7 +44,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -342,3 +342,24 @@ def _json_or_bytes(raw: bytes | None) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+async def wait_for(
+    settings: Settings,
+    topic: str,
+    match: Callable[[list[Message]], bool],
+    *,
+    within: float = 90.0,
+) -> list[Message]:
+    """Read ``topic`` (short name) until ``match`` accepts its records.
+
+    Fails the test after ``within`` seconds, showing what the topic held.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        records = await read_all(settings, settings.topic(topic))
+        if match(records):
+            return records
+        if time.monotonic() > deadline:
+            pytest.fail(f"{topic}: no match within {within:.0f}s: {records!r}"[:3000])
+        await asyncio.sleep(0.5)
