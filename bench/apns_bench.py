@@ -20,13 +20,13 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from h2load_run import run_h2load
 
 from pushstream.config import ApnsApp, Endpoints
 from pushstream.events import Notification, Send
@@ -116,31 +116,8 @@ def h2load(port: int, apps_json: str, args: argparse.Namespace) -> str:
     assert app.key_id is not None
     jwt = ProviderToken(app.team_id, app.key_id, key).current()
     send = request(app.bundle_id)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body:
-        body.write(send.body)
-    command = [
-        "h2load",
-        f"-n{args.sends * args.clients}",
-        f"-c{args.h2load_clients}",
-        f"-m{args.concurrency}",
-        f"-d{body.name}",
-        "-H",
-        f"authorization: bearer {jwt}",
-        *(arg for k, v in send.headers.items() for arg in ("-H", f"{k}: {v}")),
-        f"https://127.0.0.1:{port}/3/device/{TOKEN}",
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    finally:
-        Path(body.name).unlink()
-    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)
-    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx", done.stdout)
-    if not rate or not codes:
-        return f"h2load failed:\n{done.stdout}\n{done.stderr}"
-    return (
-        f"h2load: {float(rate.group(1)):,.0f} requests/s "
-        f"({codes.group(1)} answered 2xx, {codes.group(3)} 4xx; "
-        f"{args.h2load_clients} connection(s), {args.concurrency} streams each)"
+    return run_h2load(
+        f"https://127.0.0.1:{port}/3/device/{TOKEN}", send, f"bearer {jwt}", args
     )
 
 
