@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -188,23 +189,23 @@ def topics_group(ctx: click.Context, bootstrap: str | None, prefix: str | None) 
 @click.pass_obj
 def topics_create(overrides: dict[str, Any]) -> None:
     """Create the missing topics and check the others; exit 1 if any differs."""
-    settings = _settings(**overrides)
-    try:
-        report = asyncio.run(topics.ensure_topics(settings))
-    except topics.TopicError as exc:
-        raise click.ClickException(str(exc)) from None
-    _print_report(report)
-    if not report.ok:
-        sys.exit(1)
+    _report_topics(topics.ensure_topics, _settings(**overrides))
 
 
 @topics_group.command("describe")
 @click.pass_obj
 def topics_describe(overrides: dict[str, Any]) -> None:
     """Show the topics as the broker has them; exit 1 if any is missing or differs."""
-    settings = _settings(**overrides)
+    _report_topics(topics.describe_topics, _settings(**overrides))
+
+
+def _report_topics(
+    check: Callable[[Settings], Coroutine[Any, Any, topics.Report]],
+    settings: Settings,
+) -> None:
+    """Run one topic check against the broker, print it, exit 1 if it failed."""
     try:
-        report = asyncio.run(topics.describe_topics(settings))
+        report = asyncio.run(check(settings))
     except topics.TopicError as exc:
         raise click.ClickException(str(exc)) from None
     _print_report(report)
