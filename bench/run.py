@@ -3,7 +3,9 @@
 One run, on fresh topics (``bench-<tag>.``, deleted at the end):
 
 1. the broker (started if none answers; stopped at the end only then), the
-   sandbox and one worker, as ``pushstream demo`` runs them;
+   sandbox and ``--workers`` workers (one by default), as ``pushstream
+   demo`` runs them; several workers share the partitions as a consumer
+   group, as they would on several machines;
 2. ``--users`` users with ``--devices`` devices each, APNs, FCM and WNS in
    the ``--mix`` shares, registered and applied;
 3. burst: ``--notifications`` notifications published as fast as the
@@ -24,7 +26,7 @@ It prints a table, then one JSON line: ``{"notifications_per_s", "p50_ms",
 "ratio_to_limit"}``; the latencies are the steady phase's, and
 ``ratio_to_limit`` is ours over the smaller of the two limits (the HTTP/2
 one divided by the devices per notification); ``faust_noop_per_s``, the
-no-op Faust worker's rate, is added after them.
+no-op Faust worker's rate, and ``workers`` are added after them.
 
 ``--memory`` measures something else instead: the worker's resident memory
 with ``--memory-devices`` devices (default 1,000,000) in the table.
@@ -82,7 +84,10 @@ def parse_args() -> argparse.Namespace:
     # answered; h2load gives up a connection that opened 100 at once.
     parser.add_argument("--h2load-connections", type=int, default=10)
     parser.add_argument("--h2load-streams", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="py-spy the worker")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the (first) worker"
+    )
     parser.add_argument("--memory", action="store_true", help="the memory run only")
     parser.add_argument("--memory-devices", type=int, default=1_000_000)
     parser.add_argument("--keep", action="store_true", help="keep topics and data")
@@ -334,6 +339,13 @@ class Cpu:
         return f"  cpu during {what} (100% = one core): {shares}"
 
 
+def worker_pids(workers: list[localstack.WorkerChild]) -> dict[str, int | None]:
+    """The workers' pids for :class:`Cpu`: "worker", or "worker1", "worker2"..."""
+    if len(workers) == 1:
+        return {"worker": workers[0].pid}
+    return {f"worker{n}": w.pid for n, w in enumerate(workers, start=1)}
+
+
 def broker_pid() -> int | None:
     from pushstream import localkafka
 
@@ -369,12 +381,21 @@ async def full_run(
     assert report.ok, report.problems
     sandbox = await localstack.start_sandbox(folder / "sandbox")
     children.append(sandbox)
-    env = localstack.worker_env(settings, sandbox.worker_env, **extra_env(args))
-    worker = localstack.WorkerChild(env, folder / "worker.log")
-    children.append(worker)
-    await worker.start()
-    await worker.wait_ready(localstack.READY_TIMEOUT_S)
-    print(f"worker ready (pid {worker.pid}, log {worker.log_path})")
+    workers = []
+    for number in range(1, args.workers + 1):
+        env = localstack.worker_env(
+            settings,
+            sandbox.worker_env,
+            PUSHSTREAM_DATA_DIR=str(settings.data_dir / str(number)),
+            **extra_env(args),
+        )
+        worker = localstack.WorkerChild(env, folder / f"worker{number}.log")
+        children.append(worker)
+        workers.append(worker)
+        await worker.start()
+    for worker in workers:
+        await worker.wait_ready(localstack.READY_TIMEOUT_S)
+        print(f"worker ready (pid {worker.pid}, log {worker.log_path})")
 
     apps = Apps.from_env(sandbox.worker_env)
     mix = e2e.Mix(
@@ -404,8 +425,9 @@ async def full_run(
         print(f"warm-up: {warm.received}/{warm.expected} outcomes")
         load = os.getloadavg()[0]
         profile_out = folder / "profile.txt"
-        profiler = start_profile(worker.pid or 0, profile_out) if args.profile else None
-        pids = {"worker": worker.pid, "sandbox": sandbox.pid, "broker": broker_pid()}
+        first = workers[0].pid or 0
+        profiler = start_profile(first, profile_out) if args.profile else None
+        pids = worker_pids(workers) | {"sandbox": sandbox.pid, "broker": broker_pid()}
         cpu = Cpu(pids | {"bench": os.getpid()})
         runs.append(
             await e2e.burst(
@@ -430,8 +452,9 @@ async def full_run(
             cpu_lines.append(cpu.line("the steady run"))
     finally:
         await reader.aclose()
-    worker_rss = rss_mib(worker.pid)
-    await worker.stop()
+    worker_rss = [rss_mib(worker.pid) for worker in workers]
+    for worker in workers:
+        await worker.stop()
 
     h2_rate, h2_what = 0.0, "skipped"
     if args.h2load:
@@ -464,7 +487,8 @@ async def full_run(
     lines = ["", f"load average before the burst: {load:.2f}", *e2e.summary(runs)]
     lines += cpu_lines
     lines += [
-        f"  worker RSS after the runs: {worker_rss:.0f} MiB",
+        "  worker RSS after the runs: "
+        + ", ".join(f"{rss:.0f} MiB" for rss in worker_rss),
         f"  raw limit, sandbox APNs over HTTP/2: {h2_rate:,.0f} requests/s ({h2_what})",
         f"  raw limit, Kafka pass-through: {pt_rate:,.0f} notifications/s "
         f"(aiokafka, 2 hops x {args.devices} device(s), no work)",
@@ -485,6 +509,7 @@ async def full_run(
         if limit
         else None,
         "faust_noop_per_s": round(noop_rate, 1),
+        "workers": args.workers,
     }
 
 
