@@ -100,10 +100,11 @@ def send_many(
                     result = await client.send(send)
                     outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
 
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
             elapsed = time.perf_counter() - started
-        out.put((elapsed, outcomes))
+            cpu = time.process_time() - cpu
+        out.put((elapsed, cpu, outcomes))
 
     asyncio.run(run())
 
@@ -150,15 +151,17 @@ def main() -> None:
         for client in clients:
             client.join()
         total: dict[str, int] = {}
-        for _, outcomes in runs:
+        for _, _, outcomes in runs:
             for outcome, count in outcomes.items():
                 total[outcome] = total.get(outcome, 0) + count
-        slowest = max(elapsed for elapsed, _ in runs)
+        slowest = max(elapsed for elapsed, _, _ in runs)
+        cpu_per_send = sum(cpu for _, cpu, _ in runs) / (args.sends * args.clients)
         delivered = total.get("delivered", 0)
         print(
             f"ApnsClient: {delivered / slowest:,.0f} sends/s "
             f"({args.clients} process(es) x {args.sends} sends, outcomes {total}; "
-            f"{args.connections} connection(s), {args.concurrency} in flight each)"
+            f"{args.connections} connection(s), {args.concurrency} in flight each); "
+            f"client CPU {cpu_per_send * 1e6:,.0f} us per send"
         )
         if not args.no_h2load:
             if shutil.which("h2load") is None:

@@ -8,7 +8,9 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import hpack
 import pytest
+from hpack import NeverIndexedHeaderTuple
 
 from pushstream.sandbox.certs import SandboxCerts, ensure_certs
 from pushstream.sandbox.server import (
@@ -28,6 +30,7 @@ from pushstream.senders.http2 import (
     ProtocolError,
     RequestTimeout,
     TransportError,
+    _HeaderEncoder,
 )
 
 GUARD = 10.0  # seconds: only to turn a hang into a failure
@@ -589,3 +592,90 @@ async def test_goaway_for_a_protocol_error_says_so(
 async def _shutdown(req: Request) -> Response:
     req.conn.send_goaway(0, "Shutdown", last_stream_id=0)
     return Response(503)
+
+
+def test_header_encoding_round_trips() -> None:
+    """Saved encodings outlive a change of the HPACK table: the server would
+    read other headers than were sent, or close the connection."""
+    encoder = _HeaderEncoder()
+    decoder = hpack.Decoder()
+    blocks: list[list[tuple[str, str]]] = []
+    for i in range(300):
+        block = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "api.example:443"),
+            NeverIndexedHeaderTuple(":path", f"/3/device/{i:064x}"),
+            ("authorization", "bearer " + "k" * (200 + i // 100)),  # renewed
+            ("apns-topic", "com.example"),
+            NeverIndexedHeaderTuple("apns-id", f"{i:08x}-0000-0000-0000-{i:012x}"),
+            NeverIndexedHeaderTuple("apns-topic", "é" * (i % 3)),  # a table name
+            ("x-long", "v" * (100 + i)),  # over 127 bytes; up to the table size
+        ]
+        if i % 7 == 0:
+            block.append(("x-new", str(i)))  # a field the table must take in
+        if i % 50 == 49:
+            encoder.header_table_size = (0, 256, 4096)[i // 50 % 3]
+        blocks.append(block)
+    for block in blocks:
+        decoded = decoder.decode(encoder.encode(block))
+        assert [tuple(h) for h in decoded] == [tuple(h) for h in block]
+        assert [h.indexable for h in decoded] == [
+            not isinstance(h, NeverIndexedHeaderTuple) for h in block
+        ]
+
+
+def test_unique_headers_leave_the_table_alone() -> None:
+    """A per-request value in the HPACK table evicts the reusable ones, which
+    are then sent in full on every request."""
+    encoder = _HeaderEncoder()
+    sizes = []
+    for i in range(100):
+        block = encoder.encode(
+            [
+                (":method", "POST"),
+                NeverIndexedHeaderTuple(":path", f"/3/device/{i:064x}"),
+                ("authorization", "bearer " + "k" * 200),
+                NeverIndexedHeaderTuple("apns-id", f"{i:036x}"),
+            ]
+        )
+        sizes.append(len(block))
+    assert len(set(sizes[1:])) == 1
+    assert sizes[0] - sizes[1] > 200  # authorization went in once
+
+
+async def test_long_headers_and_unique_values_arrive_intact(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A header block over one frame (CONTINUATION frames), and never-indexed
+    headers between indexed ones, reach the server as sent."""
+    handler = Recorder()
+    server = await serve(handler)
+    options = H2Options(never_indexed=frozenset({"apns-id"}))
+    async with H2Pool(
+        "127.0.0.1",
+        server.port,
+        client_context,
+        server_hostname="localhost",
+        options=options,
+    ) as pool:
+        big = {"x-big": "b" * 40_000, "x-other": "c" * 20_000}
+        response = await pool.request("POST", "/big", big, b"body", timeout=GUARD)
+        assert response.status == 200
+        async with asyncio.timeout(GUARD):
+            await asyncio.gather(
+                *(
+                    pool.request(
+                        "GET",
+                        f"/n/{i}",
+                        {"authorization": "bearer t", "apns-id": f"id-{i}"},
+                    )
+                    for i in range(50)
+                )
+            )
+    assert handler.seen[0].headers["x-big"] == big["x-big"]
+    assert handler.seen[0].headers["x-other"] == big["x-other"]
+    assert handler.seen[0].body == b"body"
+    for seen in handler.seen[1:]:
+        assert seen.headers["apns-id"] == "id-" + seen.path.rsplit("/", 1)[1]
+        assert seen.headers["authorization"] == "bearer t"

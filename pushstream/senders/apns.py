@@ -19,6 +19,7 @@ from APNs").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -390,6 +391,10 @@ INVALID_HEADER = "invalid_header"
 """A send whose headers break HTTP/2's field rules: refused, never sent."""
 PROTOCOL_ERROR = "protocol_error"
 
+# Headers whose value is new on every request: kept out of the HPACK table,
+# where they would only push out the reusable ones (see http2.H2Options).
+UNIQUE_HEADERS = frozenset({"apns-id"})
+
 # Answers after which the connection itself is suspect: the next requests go
 # to a fresh one (Apple: reconnect after IdleTimeout and Shutdown; a key id
 # differing from the connection's first needs its own connection).
@@ -440,7 +445,10 @@ class ApnsClient:
         self._app_settings = tuple(apps)
         self._endpoints = endpoints or Endpoints()
         self._timeout = request_timeout
-        self._h2_options = h2_options or http2.H2Options(max_connections=connections)
+        options = h2_options or http2.H2Options(max_connections=connections)
+        self._h2_options = dataclasses.replace(
+            options, never_indexed=options.never_indexed | UNIQUE_HEADERS
+        )
         self._clock = clock
         self._apps: dict[str, _Credential] = {}
         self._hosts: dict[str, tuple[str, int]] = {}
