@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import stat
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hpack
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pushstream.sandbox.certs import SandboxCerts, ensure_certs
-from pushstream.sandbox.server import Request, Response, SandboxServer
+from pushstream.sandbox.server import (
+    MAX_HEADER_LIST_SIZE,
+    Request,
+    Response,
+    SandboxServer,
+    _RequestDecoder,
+    field_problem,
+)
 from pushstream.senders.http2 import ConnectError, H2Connection, H2Options
 
 GUARD = 10.0  # seconds: only to turn a hang into a failure
@@ -227,3 +240,113 @@ def test_broken_cert_files_are_replaced(tmp_path: Path) -> None:
     certs.server_cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     ensure_certs(tmp_path)
     x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+
+
+def test_request_decoder_matches_hpack() -> None:
+    """A decoding slip gives handlers wrong headers, or refuses good requests."""
+    rng = random.Random(7)
+    names = [b":method", b":path", b"authorization", b"apns-id", b"x-a", b"accept"]
+
+    def value() -> bytes:
+        size = rng.choice([0, 3, 40, 300])
+        return bytes(rng.choice(b"abcXYZ019-_ :/") for _ in range(size))
+
+    for _ in range(100):
+        encoder, reference = hpack.Encoder(), hpack.Decoder()
+        decoder = _RequestDecoder(MAX_HEADER_LIST_SIZE)
+        for _ in range(20):
+            if rng.random() < 0.05:
+                encoder.header_table_size = rng.choice([0, 100, 4096])
+            headers = [
+                hpack.NeverIndexedHeaderTuple(name, value())
+                if rng.random() < 0.2
+                else (name, value())
+                for name in rng.choices(names, k=rng.randint(1, 10))
+            ]
+            huffman = rng.random() < 0.5
+            # Sent again, the headers come as the same block of table indexes.
+            for _ in range(rng.choice([1, 3])):
+                block = encoder.encode(headers, huffman=huffman)
+                expected = [tuple(h) for h in reference.decode(block, raw=True)]
+                assert list(decoder.decode(block, raw=True)) == expected
+
+
+def test_truncated_header_block_is_an_error() -> None:
+    block = hpack.Encoder().encode([(b"x-a", b"y" * 50)], huffman=True)
+    for cut in range(1, len(block)):
+        with pytest.raises((hpack.HPACKError, IndexError)):
+            _RequestDecoder(MAX_HEADER_LIST_SIZE).decode(block[:cut], raw=True)
+
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/3/device/ff")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ([(b":authority", b"h"), (b"apns-topic", b"t")], None),
+        ([(b"host", b"h"), (b"te", b"trailers")], None),
+        ([(b":authority", b"h"), (b"Apns-Topic", b"t")], "bad header name"),
+        ([(b":authority", b"h"), (b"x:y", b"t")], "bad header name"),
+        ([(b":authority", b"h"), (b"", b"t")], "bad header name"),
+        ([(b":authority", b"h"), (b"x", b" t")], "bad value"),
+        ([(b":authority", b"h"), (b"x", b"a\r\nb")], "bad value"),
+        ([(b":authority", b"h"), (b"connection", b"close")], "connection-specific"),
+        ([(b":authority", b"h"), (b"te", b"gzip")], "te other"),
+        ([(b"x", b"1"), (b":authority", b"h")], "pseudo-header"),
+        ([(b":authority", b"h"), (b":path", b"/")], "pseudo-header"),
+        ([(b":authority", b"h"), (b":status", b"200")], "pseudo-header"),
+        ([(b"apns-topic", b"t")], "neither :authority nor host"),
+        ([(b":authority", b"h"), (b"host", b"other")], "differ"),
+        ([(b"host", b"h"), (b"host", b"h")], "more than one host"),
+    ],
+)
+def test_malformed_requests_are_found(
+    extra: list[tuple[bytes, bytes]], problem: str | None
+) -> None:
+    """A provider resets the connection of a malformed request (RFC 9113 §8.1.1)."""
+    for _ in range(2):  # the second time, good fields are known
+        found = field_problem(REQUEST + extra)
+        assert (found is None) if problem is None else (problem in str(found))
+
+
+def test_missing_pseudo_headers_are_found() -> None:
+    assert field_problem([(b":scheme", b"https"), (b":path", b"/")]) == "no :method"
+    assert field_problem([(b":method", b"GET"), (b"host", b"h")]) is not None
+    assert field_problem([(b":method", b"POST"), *REQUEST[1:2], (b"host", b"h")])
+    assert field_problem([*REQUEST[:2], (b":path", b""), (b"host", b"h")])
+    assert field_problem([(b"x", b"1")], trailers=True) is None
+    assert field_problem([(b":path", b"/")], trailers=True) is not None
+
+
+async def test_malformed_request_ends_the_connection(certs: SandboxCerts) -> None:
+    """An uppercase header name reaches the handler instead of a connection error."""
+    served: list[Request] = []
+
+    async def handler(req: Request) -> Response:
+        served.append(req)
+        return Response(200)
+
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), handler
+    ) as server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=certs.client_ssl_context(alpn=("h2",))
+        )
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                validate_outbound_headers=False, normalize_outbound_headers=False
+            )
+        )
+        client.initiate_connection()
+        headers = [*REQUEST, (b":authority", b"h"), (b"X-Upper", b"1")]
+        client.send_headers(1, headers, end_stream=True)
+        writer.write(client.data_to_send())
+        events: list[h2.events.Event] = []
+        while data := await asyncio.wait_for(reader.read(65536), GUARD):
+            events.extend(client.receive_data(data))
+        writer.close()
+    assert not served
+    ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert ended
+    assert ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
