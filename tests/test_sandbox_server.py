@@ -7,6 +7,7 @@ import random
 import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -24,6 +25,7 @@ from pushstream.sandbox.server import (
     Response,
     SandboxServer,
     _RequestDecoder,
+    _ResponseEncoder,
     field_problem,
 )
 from pushstream.senders.http2 import ConnectError, H2Connection, H2Options
@@ -350,3 +352,21 @@ async def test_malformed_request_ends_the_connection(certs: SandboxCerts) -> Non
     ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert ended
     assert ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+def test_response_encoder_is_read_by_hpack() -> None:
+    """A client that misreads answers sees wrong statuses or apns-ids."""
+    encoder, decoder = _ResponseEncoder(), hpack.Decoder()
+    for size in (4096, 100, 0):
+        encoder.header_table_size = size  # as h2 does on the client's SETTINGS
+        decoder.max_allowed_table_size = size
+        for status in ("200", "410", "503"):
+            headers = [
+                (":status", status),
+                ("content-type", "application/json"),
+                ("apns-id", "x" * 130),
+                ("x-" + "long" * 40, ""),
+            ]
+            block = encoder.encode(headers)
+            decoded: list[Any] = [tuple(h) for h in decoder.decode(block)]
+            assert decoded == headers

@@ -68,6 +68,7 @@ connections that authenticated (``authenticated_connections``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import secrets
@@ -524,11 +525,7 @@ class ApnsSandbox:
         voip = req.headers.get("apns-push-type") == "voip"
         if len(body) > (VOIP_PAYLOAD_LIMIT if voip else PAYLOAD_LIMIT):
             raise Refused(413, "PayloadTooLarge")
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise Refused(400, "BadPayload") from None
-        if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
+        if not _is_payload(body):
             raise Refused(400, "BadPayload")
 
     def _scenario(self, token: str) -> str:
@@ -589,6 +586,19 @@ class ApnsSandbox:
         )
         if len(self.accepted) > MAX_ACCEPTED:
             del self.accepted[: len(self.accepted) - MAX_ACCEPTED]
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_payload(body: bytes) -> bool:
+    """Whether ``body`` is a JSON object with an ``aps`` dictionary.
+
+    Remembered: a notification sent to many devices repeats its body.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("aps"), dict)
 
 
 def _base_topic(topic: str) -> str:

@@ -42,7 +42,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
@@ -134,7 +133,7 @@ def counted(handler: Handler, counts: Counts) -> Handler:
     """Wrap a handler to count requests as they arrive and answers as they go."""
 
     async def handle(req: Request) -> Response:
-        path = urlsplit(req.path).path
+        path = req.path.partition("?")[0]
         kind = "token" if path.endswith(_TOKEN_PATHS) else "push"
         counts.received[kind] += 1
         response = await handler(req)

@@ -187,7 +187,7 @@ class _H2Session:
         self.max_concurrent_streams = server.initial_max_streams
         self._validate = server.validate_headers
         self._h2 = _H2ServerState(_H2_CONFIG)
-        self._h2.encoder = _LiteralEncoder()
+        self._h2.encoder = _ResponseEncoder()
         self._h2.decoder = _RequestDecoder(self._h2.decoder.max_header_list_size)
         codes = h2.settings.SettingCodes
         self._h2.local_settings = h2.settings.Settings(
@@ -706,11 +706,57 @@ class _H2ServerState(h2.connection.H2Connection):
         return events
 
 
-class _LiteralEncoder(hpack.Encoder):
-    """HPACK without Huffman coding: cheaper in pure Python, a few bytes more."""
+class _ResponseEncoder(hpack.Encoder):
+    """HPACK for responses without the dynamic table or Huffman coding.
+
+    A response's varying headers (apns-id, apns-unique-id) would replace one
+    another in the table, and searching and filling it, and Huffman coding
+    in pure Python, cost more than the bytes they save on loopback. Fields
+    are sent as static-table indexes where RFC 7541's table has them, else
+    as literals not added to any table; a table size the client sets is
+    still acknowledged (RFC 7541 §4.2).
+    """
 
     def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)
+        block = bytearray()
+        if self.header_table.resized:
+            block += self._encode_table_size_change()
+            self.header_table.resized = False
+        for name, value in headers:
+            name = name.encode() if isinstance(name, str) else name
+            value = value.encode() if isinstance(value, str) else value
+            block += _encoded_field(name, value)
+        return bytes(block)
+
+
+_STATIC_FIELDS = hpack.table.HeaderTable.STATIC_TABLE_MAPPING
+
+
+def _encoded_field(name: bytes, value: bytes) -> bytes:
+    """One field as RFC 7541 §6.1 (indexed) or §6.2.2 (literal, not indexed)."""
+    static = _STATIC_FIELDS.get(name)
+    if static is not None:
+        index = static[1].get(value)
+        if index is not None:
+            return bytes(_hpack_encoded_integer(index, 7, 0x80))
+        head = _hpack_encoded_integer(static[0], 4, 0x00)
+    else:
+        head = b"\x00" + _hpack_encoded_integer(len(name), 7, 0x00) + name
+    return bytes(head + _hpack_encoded_integer(len(value), 7, 0x00) + value)
+
+
+def _hpack_encoded_integer(value: int, prefix: int, flags: int) -> bytes:
+    """An RFC 7541 §5.1 integer, ``flags`` in its first byte's other bits."""
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes((flags | value,))
+    out = bytearray((flags | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 _H2_CONFIG = h2.config.H2Configuration(
