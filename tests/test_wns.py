@@ -17,7 +17,12 @@ import pytest
 from pushstream.config import ConfigError, Settings, load_settings
 from pushstream.events import Notification, Send
 from pushstream.sandbox.certs import SandboxCerts, ensure_certs
-from pushstream.sandbox.server import SandboxServer
+from pushstream.sandbox.server import (
+    ConnectionContext,
+    Request,
+    Response,
+    SandboxServer,
+)
 from pushstream.sandbox.wns import WnsSandbox
 from pushstream.senders import wns, wns_auth
 from pushstream.senders.result import SendResult, Target
@@ -414,6 +419,57 @@ async def test_lost_connection_is_retried(rig: Rig) -> None:
     result = await rig.client.send(make_send(channel))
 
     assert (result.outcome, result.reason) == ("retry", "connection_lost")
+
+
+# --- connections -------------------------------------------------------------------
+
+
+async def test_sends_share_a_bounded_set_of_kept_alive_connections(
+    certs: SandboxCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each send would open a TLS connection of its own, or a burst one per send."""
+    sandbox = WnsSandbox()
+    connections: set[ConnectionContext] = set()
+
+    async def handle(req: Request) -> Response:
+        if "token=" in req.path:
+            connections.add(req.conn)
+        return await sandbox.handle(req)
+
+    server = SandboxServer(
+        "127.0.0.1",
+        0,
+        certs.server_ssl_context(alpn=("http/1.1",)),
+        handle,
+        protocols=("http/1.1",),
+        name="wns",
+    )
+    await server.start()
+    sandbox.base_url = f"https://127.0.0.1:{server.port}"
+    settings, _ = settings_for(
+        sandbox, certs, tmp_path, monkeypatch, PUSHSTREAM_MAX_IN_FLIGHT="4"
+    )
+    sends = [make_send(sandbox.channel_uri(LIVE_APP)) for _ in range(40)]
+    try:
+        async with wns.WnsClient.from_settings(settings) as client:
+            burst = await asyncio.gather(*(client.send(s) for s in sends))
+            one_by_one = [await client.send(s) for s in sends[:10]]
+    finally:
+        await server.aclose()
+
+    assert [r.outcome for r in burst + one_by_one] == ["delivered"] * 50
+    assert 1 <= len(connections) <= 4
+
+
+async def test_header_that_cannot_be_written_fails_without_a_request(rig: Rig) -> None:
+    """A header with a line break would be retried forever, or reach WNS."""
+    send = make_send(rig.sandbox.channel_uri(LIVE_APP))
+    headers = send.headers | {"X-WNS-Tag": "a\r\nX-Injected: 1"}
+
+    result = await rig.client.send(send.model_copy(update={"headers": headers}))
+
+    assert (result.outcome, result.reason) == ("failed", "invalid_header")
+    assert sum(rig.sandbox.stats.values()) == 0
 
 
 # --- what the sandbox checks -------------------------------------------------------

@@ -11,6 +11,10 @@ The channel URI is the device's token, and it comes from a client: before
 the bearer token goes to one, the URI must pass the channel allow-list
 (:func:`pushstream.senders.allowlist.channel_problem`), the same check the
 registry applies when the device registers. It is never logged in full.
+
+Notifications go out on :class:`~pushstream.senders.http1.Http1Pool`, our
+own keep-alive HTTP/1.1 client (httpx's pool cost about a millisecond of CPU
+per send); the rare token requests use httpx.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from typing import NamedTuple
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import httpx
 
 from pushstream.config import ConfigError, Endpoints, Settings, WnsApp
 from pushstream.events import Notification, Send, WnsOverrides
+from pushstream.senders import http1
 from pushstream.senders.allowlist import channel_problem
 from pushstream.senders.oauth import TokenCache, TokenError
 from pushstream.senders.result import Rendered, ResultOutcome, SendResult, Target
@@ -44,10 +50,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 5000  # WNS answers 413 above this (PROTOCOLS.md 3.3).
 MAX_REASON_DETAIL = 200
-# HTTP/1.1 carries one request per connection at a time, and channels are
-# spread over many regional hosts: the pool, not a per-host count, bounds it.
-# httpcore walks every pooled connection for each request, so a larger pool
-# costs CPU on every send: 100 connections took a fifth of a busy worker.
+# HTTP/1.1 carries one request per connection at a time: this many sends to
+# one regional host at once, the others wait for a connection. Idle ones close
+# after a few seconds, so hosts no longer sent to hold none.
 MAX_CONNECTIONS = 24
 
 _CONTENT_TYPES = {
@@ -323,6 +328,9 @@ def shorten_channel(uri: str) -> str:
 
 # --- the client --------------------------------------------------------------------
 
+# Printable ASCII: kept as it is in a request target.
+_PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
+
 # Headers a Send may not set: the client owns authentication and framing.
 _RESERVED = {
     "x-wns-ttl",
@@ -342,9 +350,19 @@ class _AppConfig:
     setting: str  # PUSHSTREAM_WNS__<i>: where the app is configured
 
 
+class ChannelUrl(NamedTuple):
+    """Where a channel's notifications go: the origin and the request target
+    (path and query, as the channel URI has them)."""
+
+    host: str
+    port: int
+    target: str
+
+
 @dataclass(slots=True)
 class _Session:
-    http: httpx.AsyncClient
+    pool: http1.Http1Pool
+    token_http: httpx.AsyncClient
     tokens: dict[str, TokenCache]
 
 
@@ -430,26 +448,23 @@ class WnsClient:
                 return
             secrets = await asyncio.to_thread(self._read_secrets)
             context = await asyncio.to_thread(_ssl_context, self._endpoints.ca_file)
-            _quiet_http_loggers()
-            http = httpx.AsyncClient(
-                verify=context,
-                http1=True,
-                http2=False,
-                follow_redirects=False,
-                limits=httpx.Limits(
-                    max_connections=self._max_connections,
-                    max_keepalive_connections=self._max_connections,
-                ),
-                # Waiting for a free connection is bounded by the caller's own
-                # in-flight limit; each request's own phases are timed.
-                timeout=httpx.Timeout(self._timeout, pool=None),
+            # Waiting for a free connection is bounded by the caller's own
+            # in-flight limit; connecting and answering are timed.
+            pool = http1.Http1Pool(
+                context,
+                max_connections=self._max_connections,
+                timeout=self._timeout,
+                connect_timeout=self._timeout,
+            )
+            token_http = httpx.AsyncClient(
+                verify=context, follow_redirects=False, timeout=self._timeout
             )
             tokens = {}
             for package, config in self._apps.items():
                 url, form = token_request(config.app, secrets[package], self._endpoints)
-                source = WnsTokenSource(url, form, http)
+                source = WnsTokenSource(url, form, token_http)
                 tokens[package] = TokenCache(source, name=f"wns {package}")
-            self._session = _Session(http, tokens)
+            self._session = _Session(pool, token_http, tokens)
             log.info("WNS client started (%d apps)", len(tokens))
 
     async def aclose(self) -> None:
@@ -460,7 +475,8 @@ class WnsClient:
                 return
             for cache in session.tokens.values():
                 await cache.aclose()
-            await session.http.aclose()
+            await session.pool.aclose()
+            await session.token_http.aclose()
             log.info("WNS client closed")
 
     async def send(self, send: Send) -> SendResult:
@@ -486,15 +502,17 @@ class WnsClient:
                 return SendResult(outcome, f"access_token: {exc.reason}")
             headers["Authorization"] = f"Bearer {token}"
             try:
-                response = await session.http.post(url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                response = await session.pool.request(
+                    url.host, url.port, "POST", url.target, headers.items(), body
+                )
+            except http1.Timeout:
                 return SendResult("retry", "timeout")
-            except (httpx.LocalProtocolError, UnicodeEncodeError):
+            except http1.InvalidRequest:
                 # A header h11 refuses to write, or not ASCII: nothing was sent.
                 return SendResult("failed", "invalid_header")
-            except httpx.HTTPError:
+            except http1.TransportError:
                 return SendResult("retry", "connection_lost")
-            if response.status_code != 401 or attempt == 2:
+            if response.status != 401 or attempt == 2:
                 break
             # Expected at least daily: tokens expire (PROTOCOLS.md 3.5).
             tokens.invalidate(token)
@@ -502,33 +520,41 @@ class WnsClient:
                 "WNS refused the access token of %s; fetching a new one", send.app
             )
 
-        log.debug(
-            "WNS %s: %d %s (msg %s, cv %s)",
-            shorten_channel(send.token),
-            response.status_code,
-            response.headers.get("x-wns-status", ""),
-            response.headers.get("x-wns-msg-id", ""),
-            headers["MS-CV"],
-        )
-        return classify(response.status_code, response.headers, response.content)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "WNS %s: %d %s (msg %s, cv %s)",
+                shorten_channel(send.token),
+                response.status,
+                response.headers.get("x-wns-status", ""),
+                response.headers.get("x-wns-msg-id", ""),
+                headers["MS-CV"],
+            )
+        return classify(response.status, response.headers, response.body)
 
-    def channel_url(self, uri: str) -> httpx.URL | None:
-        """The URL to POST to, or None when the channel is not trusted.
+    def channel_url(self, uri: str) -> ChannelUrl | None:
+        """Where to POST, or None when the channel is not trusted.
 
-        The allow-list reads the URI with the standard library; the URL
-        httpx would connect to must name the same scheme, host and port, so a
-        URI the two parsers read differently is refused.
+        Host and port come from the same parse of the URI as the
+        allow-list's, so the host checked is the host that gets the bearer
+        token. The target is the URI's path and query as written; characters
+        outside ASCII, which no WNS channel has, are percent-encoded as UTF-8.
         """
         if channel_problem(uri, self._allowed_hosts) is not None:
             return None
         try:
-            url = httpx.URL(uri)
             parts = urlsplit(uri)
-            read = (url.scheme, url.host, url.port or 443)
-            same = read == (parts.scheme, parts.hostname, parts.port or 443)
-        except (httpx.InvalidURL, ValueError):
+            port = parts.port or 443
+        except ValueError:
             return None
-        return url if same else None
+        host = parts.hostname
+        if not host or not host.isascii():
+            return None
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        if not target.isascii():
+            target = quote(target, safe=_PRINTABLE_ASCII)
+        return ChannelUrl(host, port, target)
 
     def _read_secrets(self) -> dict[str, str]:
         return {
@@ -557,11 +583,3 @@ def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
                 f"PUSHSTREAM_ENDPOINTS__CA_FILE: cannot load {ca_file}: {exc}"
             ) from None
     return context
-
-
-def _quiet_http_loggers() -> None:
-    # httpx logs every request's URL at INFO, and a WNS URL is a device token.
-    for name in ("httpx", "httpcore"):
-        logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.WARNING:
-            logger.setLevel(logging.WARNING)
