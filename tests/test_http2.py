@@ -300,6 +300,33 @@ async def test_request_timeout_resets_stream_and_keeps_connection(
     await conn.aclose()
 
 
+async def test_request_timeout_while_waiting_for_a_slot(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A request queued for a stream slot waits past its timeout, or its
+    place (or a slot granted to it) is lost for the requests behind it."""
+    handler = Recorder()
+    handler.gate.clear()
+    server = await serve(handler, initial_max_streams=1)
+    conn = await connect(server, client_context)
+    held = asyncio.create_task(conn.request("POST", "/hold", timeout=GUARD))
+    await handler.wait_for(1)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RequestTimeout):
+        await conn.request("POST", "/queued", timeout=0.2)
+    assert 0.2 <= asyncio.get_running_loop().time() - started < 1.0
+    assert conn.waiting == 0
+    later = asyncio.create_task(conn.request("POST", "/later", timeout=GUARD))
+    handler.gate.set()
+    async with asyncio.timeout(GUARD):
+        assert (await held).status == 200
+        assert (await later).status == 200
+    assert [seen.path for seen in handler.seen] == ["/hold", "/later"]
+    assert conn.in_flight == 0
+    assert conn.free_slots == 1
+    await conn.aclose()
+
+
 async def test_large_bodies_both_ways(
     serve: Serve, client_context: ssl.SSLContext
 ) -> None:

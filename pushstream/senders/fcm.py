@@ -717,9 +717,10 @@ class FcmClient:
             if attempt == 1 and refused_access_token(result):
                 project.tokens.invalidate(access_token)
                 continue
-            log.debug(
-                "fcm %s: %s %s", _short(send.token), response.status, result.reason
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "fcm %s: %s %s", _short(send.token), response.status, result.reason
+                )
             return result
         raise AssertionError("unreachable")  # the loop always returns
 

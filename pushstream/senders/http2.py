@@ -59,6 +59,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import re
 import ssl
@@ -100,6 +101,8 @@ answered; one that closes sooner, unused, counts as a failed attempt."""
 RECEIVE_WINDOW = 1 << 20
 """Bytes a server may send on one stream before we acknowledge (advertised)."""
 CONNECTION_RECEIVE_WINDOW = 16 << 20
+CHECKED_FIELDS = 256
+"""Request fields remembered as valid per connection (authorization...)."""
 CLOSE_WAIT = 5.0
 """Seconds ``aclose`` waits for TLS shutdown before dropping the socket."""
 
@@ -463,6 +466,21 @@ class _Stream:
         self.closed = False
 
 
+DEADLINE_TICK = 0.01
+"""Seconds: request deadlines are rounded up to a multiple of this."""
+
+
+class _Deadline:
+    """When a request times out, the future it waits for (a stream slot or
+    the response) fails with RequestTimeout."""
+
+    __slots__ = ("awaited", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.awaited: asyncio.Future[Any] | None = None
+
+
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection over TLS; open it with :meth:`connect`.
 
@@ -512,6 +530,9 @@ class H2Connection(asyncio.Protocol):
         self._goaway: GoAway | None = None
         self._close_callbacks: list[Callable[[H2Connection], None]] = []
         self._flush_scheduled = False
+        self._deadlines: dict[float, list[_Deadline]] = {}
+        # Reused fields (authorization, apns-topic) that passed field_problem.
+        self._checked_fields: set[tuple[str, str]] = set()
         self._last_received = self._loop.time()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
@@ -637,36 +658,65 @@ class H2Connection(asyncio.Protocol):
             (":authority", self._authority),
             NeverIndexedHeaderTuple(":path", path),
         ]
+        checked = self._checked_fields
         for name, value in pairs:
-            name = name.lower()
-            problem = field_problem(name, value)
+            field = (name.lower(), value)
+            if field in checked:
+                block.append(field)
+                continue
+            problem = field_problem(*field)
             if problem is not None:
-                shown = repr(name[:64])
+                shown = repr(field[0][:64])
                 raise InvalidRequest(f"request header {shown} refused: {problem}")
-            if name in never_indexed:
-                block.append(NeverIndexedHeaderTuple(name, value))
+            if field[0] in never_indexed:
+                block.append(NeverIndexedHeaderTuple(*field))
             else:
-                block.append((name, value))
+                if len(checked) >= CHECKED_FIELDS:
+                    checked.clear()
+                checked.add(field)
+                block.append(field)
         stream: _Stream | None = None
         has_slot = False
+        deadline = self._deadline(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                if self._slot_waiters or self._active >= self._limit:
-                    await self._wait_for_slot()
-                else:
-                    self._active += 1
-                has_slot = True
-                stream = self._open_stream(block, body)
-                return await stream.response
-        except TimeoutError as exc:
-            message = f"no response from {self._peer} within {timeout:g}s"
-            raise RequestTimeout(message) from exc
+            if self._slot_waiters or self._active >= self._limit:
+                await self._wait_for_slot(deadline)
+            else:
+                self._active += 1
+            has_slot = True
+            stream = self._open_stream(block, body)
+            deadline.awaited = stream.response
+            return await stream.response
         finally:
+            deadline.awaited = None
             if stream is not None:
                 if not stream.closed:
                     self._cancel_stream(stream)
             elif has_slot:
                 self._release_slot()
+
+    def _deadline(self, timeout: float) -> _Deadline:
+        """A request's deadline, in the batch of those ending within the same
+        DEADLINE_TICK: one timer per batch instead of one per request."""
+        loop = self._loop
+        due = math.ceil((loop.time() + timeout) / DEADLINE_TICK) * DEADLINE_TICK
+        deadline = _Deadline(timeout)
+        batch = self._deadlines.get(due)
+        if batch is None:
+            batch = self._deadlines[due] = []
+            loop.call_at(due, self._expire, due)
+        batch.append(deadline)
+        return deadline
+
+    def _expire(self, due: float) -> None:
+        """Fail what the requests of an expired batch still wait for; each
+        request then resets its stream (RST_STREAM CANCEL) or gives up its
+        place in the queue."""
+        for deadline in self._deadlines.pop(due, ()):
+            awaited = deadline.awaited
+            if awaited is not None and not awaited.done():
+                message = f"no response from {self._peer} within {deadline.timeout:g}s"
+                awaited.set_exception(RequestTimeout(message))
 
     def _open_stream(
         self, block: list[tuple[str, str] | NeverIndexedHeaderTuple], body: bytes
@@ -724,11 +774,12 @@ class H2Connection(asyncio.Protocol):
             if not outgoing:
                 del self._sending[stream.id]
 
-    async def _wait_for_slot(self) -> None:
+    async def _wait_for_slot(self, deadline: _Deadline) -> None:
         """Wait in FIFO order until a stream slot is granted to this request."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._slot_waiters.append(waiter)
         while True:
+            deadline.awaited = waiter
             try:
                 await waiter
             except BaseException:
