@@ -110,6 +110,47 @@ async def test_http11_keep_alive(certs: SandboxCerts) -> None:
     assert responses[2].endswith(b"hello")
 
 
+async def test_http11_connection_close_ends_the_connection(
+    certs: SandboxCerts,
+) -> None:
+    """A client asking to close waits for an end that never comes, or a
+    request after it is answered on a connection both sides gave up."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo
+    ) as server:
+        request = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n"
+        data = await http11_exchange(
+            server.port,
+            certs.client_ssl_context(alpn=["http/1.1"]),
+            request + b"Connection: close\r\n\r\n" + request + b"\r\n",
+        )
+    assert data.count(b"HTTP/1.1 201 Created\r\n") == 1
+    assert b"connection: close\r\n" in data
+
+
+async def test_http11_waiting_handler_keeps_requests_in_order(
+    certs: SandboxCerts,
+) -> None:
+    """A request read while a slow answer is pending is lost or answered first."""
+
+    async def slow_first(req: Request) -> Response:
+        if req.path == "/slow":
+            await asyncio.sleep(0.05)
+        return await echo(req)
+
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), slow_first
+    ) as server:
+        data = await http11_exchange(
+            server.port,
+            certs.client_ssl_context(alpn=["http/1.1"]),
+            b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /fast HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+    assert data.index(b"x-path: /slow") < data.index(b"x-path: /fast")
+    assert b"x-seen-on-connection: 2" in data
+
+
 async def test_http11_rejects_chunked_body(certs: SandboxCerts) -> None:
     """A chunked body passes the WNS stand-in but fails against the real WNS."""
     async with SandboxServer(

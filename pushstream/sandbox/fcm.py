@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -102,6 +102,9 @@ SCENARIOS = (
     "slow",
 )
 
+# Longest first: "quota-plain-…" is not "quota-…".
+_SCENARIOS_LONGEST_FIRST = sorted(SCENARIOS, key=len, reverse=True)
+_SCENARIO_PREFIXES = tuple(f"{name}-" for name in SCENARIOS)
 _SEND_PATH = re.compile(r"^/v1/projects/([^/]+)/messages:send$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_:\-.]{16,4096}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9\-_.~%]{1,900}$")
@@ -385,7 +388,7 @@ class FcmSandbox:
 
     async def handle(self, req: Request) -> Response:
         """Answer one request (the :class:`SandboxServer` handler)."""
-        path = urlsplit(req.path).path
+        path = req.path.partition("?")[0]
         if path == "/token":
             self.token_requests += 1
             response = self._token(req)
@@ -596,8 +599,9 @@ def scenario_of(token: str) -> str | None:
     """The scenario a registration token asks for (see the module docstring)."""
     if not _TOKEN.match(token):
         return "invalid-token"
-    # Longest first: "quota-plain-…" is not "quota-…".
-    for name in sorted(SCENARIOS, key=len, reverse=True):
+    if not token.startswith(_SCENARIO_PREFIXES):
+        return None
+    for name in _SCENARIOS_LONGEST_FIRST:
         if token.startswith(name + "-"):
             return name
     return None

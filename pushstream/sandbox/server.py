@@ -15,7 +15,6 @@ bodies (400). A request without Content-Length has no body, as RFC 9112 says.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import (
@@ -435,11 +434,14 @@ class _H11Session:
                     return
                 self._head, self._body = event, []
                 if self._h11.they_are_waiting_for_100_continue:
-                    self._write(h11.InformationalResponse(status_code=100, headers=[]))
+                    self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, h11.Data):
                 self._body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self._task = asyncio.get_running_loop().create_task(self._serve())
+                task = _run_eagerly(asyncio.get_running_loop(), self._serve())
+                if task is not None:
+                    self._task = task  # the rest of the buffer waits for it
+                    return
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
 
@@ -458,41 +460,56 @@ class _H11Session:
             conn=self._ctx,
         )
         response = await _call_handler(self._server.handler, request)
-        self._send(response)
-        self._task = None
-        if self._close_after or self._h11.our_state is not h11.DONE:
+        keep_alive = _keep_alive(head) and not self._close_after
+        self._send(response, keep_alive, head_only=head.method == b"HEAD")
+        if not keep_alive:
             self.close()
             return
-        if self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
+        self._next_cycle()
+        if self._task is not None:  # answered later: go on with what came since
+            self._task = None
             self._process()
 
-    def _send(self, response: Response) -> None:
-        skip = ("content-length", "transfer-encoding", "connection")
-        headers = [(k, v) for k, v in _pairs(response.headers) if k.lower() not in skip]
-        headers.append(("content-length", str(len(response.body))))
-        if self._close_after:
-            headers.append(("connection", "close"))
-        self._write(
-            h11.Response(
-                status_code=response.status,
-                headers=headers,
-                reason=_reason(response.status),
-            ),
-            h11.Data(data=response.body) if response.body else None,
-            h11.EndOfMessage(),
-        )
+    def _next_cycle(self) -> None:
+        """A fresh parser for the next request, with the bytes already read.
+
+        Responses are written here, not through h11, so its state machine
+        never sees them; a new parser per request is cheaper than h11's
+        event checks and writers.
+        """
+        data, closed = self._h11.trailing_data
+        self._h11 = h11.Connection(h11.SERVER)
+        if data:
+            self._h11.receive_data(bytes(data))
+        if closed:
+            self._h11.receive_data(b"")  # end of file, to h11
+
+    def _send(self, response: Response, keep_alive: bool, head_only: bool) -> None:
+        status = response.status
+        lines = [f"HTTP/1.1 {status} {_reason(status).decode()}"]
+        for name, value in _pairs(response.headers):
+            if name.lower() not in _FRAMING_HEADERS:
+                if "\n" in value or "\r" in value:
+                    raise ValueError(f"response header {name} holds a line break")
+                lines.append(f"{name}: {value}")
+        body = response.body
+        if status < 200 or status in (204, 304):
+            body = b""
+        else:
+            lines.append(f"content-length: {len(body)}")
+        if not keep_alive:
+            lines.append("connection: close")
+        lines.append("\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+        self._transport.write(head if head_only or not body else head + body)
 
     def _reject(self, status: int, text: str) -> None:
         self._close_after = True
         body = text.encode()
-        with contextlib.suppress(h11.LocalProtocolError):
-            self._send(Response(status, [("content-type", "text/plain")], body))
+        self._send(
+            Response(status, [("content-type", "text/plain")], body), False, False
+        )
         self.close()
-
-    def _write(self, *events: h11.Event | None) -> None:
-        data = b"".join(self._h11.send(e) or b"" for e in events if e is not None)
-        self._transport.write(data)
 
     def set_max_concurrent_streams(self, limit: int) -> None:
         pass  # one request at a time on HTTP/1.1
@@ -650,6 +667,20 @@ async def _call_handler(handler: Handler, request: Request) -> Response:
 
 def _pairs(headers: ResponseHeaders) -> Iterable[tuple[str, str]]:
     return headers.items() if isinstance(headers, Mapping) else headers
+
+
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+def _keep_alive(request: h11.Request) -> bool:
+    """Whether HTTP/1.1 lets the connection serve another request (RFC 9112
+    §9.3): not after ``Connection: close``, nor by default on HTTP/1.0."""
+    for name, value in request.headers:
+        if name == b"connection":
+            tokens = [token.strip() for token in value.lower().split(b",")]
+            if b"close" in tokens:
+                return False
+    return request.http_version >= b"1.1"
 
 
 def _reason(status: int) -> bytes:

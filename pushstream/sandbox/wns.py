@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import re
 import secrets
@@ -105,6 +106,14 @@ _TYPES = {
 _ENTRA_PATH = re.compile(r"^/([^/?]+)/oauth2/v2\.0/token$")
 _ALNUM16 = re.compile(r"^[A-Za-z0-9]{1,16}$")
 _DIGITS = re.compile(r"^[0-9]{1,10}$")
+_HEADER_CHECKS = (
+    ("x-wns-tag", _ALNUM16),
+    ("x-wns-group", _ALNUM16),
+    ("x-wns-ttl", _DIGITS),
+    ("x-wns-cache-policy", re.compile("^(cache|no-cache)$")),
+    ("x-wns-requestforstatus", re.compile("^(true|false)$", re.I)),
+    ("x-wns-priority", re.compile("^[1-4]$")),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +259,7 @@ class WnsSandbox:
 
     async def handle(self, req: Request) -> Response:
         """Answer one request (the :class:`SandboxServer` handler)."""
-        path = urlsplit(req.path).path
+        path = req.path.partition("?")[0]
         if path == "/accesstoken.srf":
             return self._live_token(req)
         match = _ENTRA_PATH.match(path)
@@ -446,15 +455,7 @@ def _check_headers(req: Request) -> None:
     content_type = h.get("content-type", "").split(";")[0].strip().lower()
     if content_type != _TYPES[kind]:
         raise WnsError(400, f"The Content-Type does not match {kind}.")
-    checks = [
-        ("x-wns-tag", _ALNUM16),
-        ("x-wns-group", _ALNUM16),
-        ("x-wns-ttl", _DIGITS),
-        ("x-wns-cache-policy", re.compile("^(cache|no-cache)$")),
-        ("x-wns-requestforstatus", re.compile("^(true|false)$", re.I)),
-        ("x-wns-priority", re.compile("^[1-4]$")),
-    ]
-    for name, pattern in checks:
+    for name, pattern in _HEADER_CHECKS:
         if name in h and not pattern.match(h[name]):
             raise WnsError(400, f"The {name} header is not valid.")
 
@@ -478,7 +479,10 @@ def _decode_channel(token: str) -> tuple[str, str]:
     return app, scenario
 
 
+@functools.lru_cache(maxsize=1024)
 def _well_formed(body: bytes) -> bool:
+    """Whether ``body`` parses as XML; remembered, as one notification goes
+    to many channels."""
     if b"<!DOCTYPE" in body.upper():
         return False  # no DTDs: entity expansion is not for a sandbox
     try:
