@@ -20,6 +20,7 @@ from pushstream.sandbox.server import (
     Response,
     SandboxServer,
 )
+from pushstream.senders.h2state import HeaderEncoder
 from pushstream.senders.http2 import (
     ConnectError,
     ConnectionLost,
@@ -30,7 +31,6 @@ from pushstream.senders.http2 import (
     ProtocolError,
     RequestTimeout,
     TransportError,
-    _HeaderEncoder,
 )
 
 GUARD = 10.0  # seconds: only to turn a hang into a failure
@@ -624,7 +624,7 @@ async def _shutdown(req: Request) -> Response:
 def test_header_encoding_round_trips() -> None:
     """Saved encodings outlive a change of the HPACK table: the server would
     read other headers than were sent, or close the connection."""
-    encoder = _HeaderEncoder()
+    encoder = HeaderEncoder()
     decoder = hpack.Decoder()
     blocks: list[list[tuple[str, str]]] = []
     for i in range(300):
@@ -655,7 +655,7 @@ def test_header_encoding_round_trips() -> None:
 def test_unique_headers_leave_the_table_alone() -> None:
     """A per-request value in the HPACK table evicts the reusable ones, which
     are then sent in full on every request."""
-    encoder = _HeaderEncoder()
+    encoder = HeaderEncoder()
     sizes = []
     for i in range(100):
         block = encoder.encode(

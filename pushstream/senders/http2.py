@@ -40,17 +40,17 @@ Cost per request
 ----------------
 h2 and hpack are pure Python, so their work per request is what limits
 throughput (bench/http2_loop.py measures it). Requests are written once per
-event-loop pass for all of them; a request's HEADERS and DATA frames are
-written as bytes (h2 keeps the stream states, see :class:`_H2State`), with
-the body in the same pass when it fits the flow-control windows; h2's header
-checks are off (its outbound checks do not look at characters;
-:func:`field_problem` checks what a server would refuse, in one regular
-expression per header). HPACK literals skip Huffman coding, and ``:path``
-and the options' ``never_indexed`` headers are sent never-indexed: an APNs
-path is a device token and an apns-id is new on every request, which would
-otherwise evict the reusable entries (authorization, apns-topic) from the
-HPACK table. The table then holds still, and each reused field's encoding
-is kept (:class:`_HeaderEncoder`).
+event-loop pass for all of them; a request's frames are written as bytes
+(see :mod:`pushstream.senders.h2state`), with the body in the same pass
+when it fits the flow-control windows; h2's header checks are off (its
+outbound checks do not look at characters; :func:`field_problem` checks
+what a server would refuse, in one regular expression per header). HPACK
+literals skip Huffman coding, and ``:path`` and the options'
+``never_indexed`` headers are sent never-indexed: an APNs path is a device
+token and an apns-id is new on every request, which would otherwise evict
+the reusable entries (authorization, apns-topic) from the HPACK table. The
+table then holds still, and each reused field's encoding is kept. Request
+deadlines share one timer per DEADLINE_TICK.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ import math
 import random
 import re
 import ssl
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,12 +73,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
-from h2.connection import AllowedStreamIDs, ConnectionInputs
-from h2.stream import StreamInputs
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
-from hpack.hpack import encode_integer
-from hyperframe.frame import Frame, GoAwayFrame
+from hpack import NeverIndexedHeaderTuple
+
+from pushstream.senders.h2state import ClientState
 
 log = logging.getLogger(__name__)
 
@@ -260,197 +256,6 @@ def client_ssl_context(
     return context
 
 
-class _H2State(h2.connection.H2Connection):
-    """h2's connection state with three changes for a client that multiplexes.
-
-    h2 moves to CLOSED on GOAWAY and then rejects the responses still owed on
-    streams up to last_stream_id, which RFC 9113 §6.8 says will complete.
-
-    Before each new stream h2 counts the open ones by scanning all of them
-    (which also drops closed ones): O(streams in flight) per request, up to
-    1000 with APNs. H2Connection admits a stream only within the server's
-    limit by its own count, so the scan runs on every PRUNE_EVERY-th stream.
-
-    A request's frames are written without h2's frame objects
-    (:meth:`send_request_headers`, :meth:`send_body`).
-    """
-
-    PRUNE_EVERY = 64
-    _new_streams = 0
-
-    @property
-    def open_outbound_streams(self) -> int:
-        self._new_streams += 1
-        if self._new_streams % self.PRUNE_EVERY:
-            return 0
-        return super().open_outbound_streams
-
-    def send_request_headers(
-        self, stream_id: int, headers: Iterable[Any], authority: bytes, end: bool
-    ) -> None:
-        """Open ``stream_id`` with a request's headers; ``end``: no body.
-
-        What ``send_headers`` does, with the same state changes, but the
-        frames are written as bytes: h2's frame objects cost more than the
-        rest of a request.
-        """
-        limit = self.remote_settings.max_concurrent_streams
-        if self.open_outbound_streams + 1 > limit:
-            raise h2.exceptions.TooManyStreamsError(f"{limit} streams are open")
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-        stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
-        stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
-        stream._authority = authority
-        block = self.encoder.encode(headers)
-        end_stream = 0
-        if end:
-            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
-            end_stream = _END_STREAM
-        size = self.max_outbound_frame_size
-        if len(block) <= size:
-            self._data_to_send += _frame(
-                _HEADERS, _END_HEADERS | end_stream, stream_id, block
-            )
-            return
-        self._data_to_send += _frame(_HEADERS, end_stream, stream_id, block[:size])
-        for start in range(size, len(block), size):
-            flags = _END_HEADERS if start + size >= len(block) else 0
-            chunk = block[start : start + size]
-            self._data_to_send += _frame(_CONTINUATION, flags, stream_id, chunk)
-
-    def send_body(self, stream_id: int, body: bytes) -> None:
-        """Send all of ``body`` and end the stream. The caller has checked
-        that it fits one frame and both flow-control windows."""
-        stream = self.streams[stream_id]
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(StreamInputs.SEND_DATA)
-        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
-        stream.outbound_flow_control_window -= len(body)
-        self.outbound_flow_control_window -= len(body)
-        self._data_to_send += _frame(_DATA, _END_STREAM, stream_id, body)
-
-    def _receive_goaway_frame(
-        self, frame: GoAwayFrame
-    ) -> tuple[list[Frame], list[h2.events.Event]]:
-        event = h2.events.ConnectionTerminated()
-        event.error_code = _error_code(frame.error_code)
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
-_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
-_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length, type, flags, stream
-
-
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    """One HTTP/2 frame (RFC 9113 4.1), unpadded."""
-    size = len(payload)
-    return _FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id) + payload
-
-
-class _HeaderEncoder(hpack.Encoder):
-    """HPACK that reuses each field's encoding while the dynamic table holds
-    still, and never Huffman-codes literals.
-
-    Most of a request's fields are those of the one before (method, scheme,
-    authority, authorization, apns-topic): once in the table each is one
-    index, and that index stays right until the table changes. The fields
-    that differ per request (``:path``, the options' ``never_indexed``
-    names) never enter the table, so after the first requests it holds
-    still and a field costs one dict lookup instead of hpack's table search
-    (and its debug logging). Any change to the table or its size drops
-    every saved encoding.
-
-    In pure Python, Huffman coding a new value costs more than the rest of
-    the request; the bytes it saves (about a fifth of a literal) are few.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._indexed: dict[tuple[str | bytes, str | bytes], bytes] = {}
-        self._names: dict[str | bytes, bytes] = {}  # a never-indexed name's part
-
-    @property
-    def header_table_size(self) -> int:
-        return self.header_table.maxsize
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        self._forget()
-        hpack.Encoder.header_table_size.fset(self, value)  # type: ignore[attr-defined]
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        """Encode (name, value) pairs of str or bytes; a NeverIndexedHeaderTuple
-        is sent as a never-indexed literal."""
-        block = []
-        table = self.header_table
-        if table.resized:
-            block.append(self._encode_table_size_change())
-            table.resized = False
-        indexed = self._indexed
-        for header in headers:
-            if isinstance(header, HeaderTuple) and not header.indexable:
-                name, value = header
-                prefix = self._names.get(name)
-                if prefix is None:
-                    prefix = self._names[name] = self._never_indexed_name(name)
-                raw = _bytes(value)
-                block.append(prefix + _length(len(raw)) + raw)
-                continue
-            encoded = indexed.get(header)
-            if encoded is None:
-                field = (_bytes(header[0]), _bytes(header[1]))
-                encoded = self.add(field, False, False)
-                if encoded[0] & 0x80:  # an index: the table did not change
-                    indexed[header] = encoded
-                else:  # a literal added to the table: indexes moved
-                    self._forget()
-            block.append(encoded)
-        return b"".join(block)
-
-    def _never_indexed_name(self, text: str | bytes) -> bytes:
-        """RFC 7541 6.2.3: the name as a table index if there is one, else
-        a literal. Values are never looked up: they are unique anyway."""
-        name = _bytes(text)
-        table = self.header_table
-        static = table.STATIC_TABLE_MAPPING.get(name)
-        index = static[0] if static else 0
-        if not index:
-            for i, (entry, _) in enumerate(table.dynamic_entries):
-                if entry == name:
-                    index = i + table.STATIC_TABLE_LENGTH + 1
-                    break
-        if index:
-            prefix = encode_integer(index, 4)
-            prefix[0] |= 0x10
-            return bytes(prefix)
-        return b"\x10" + _length(len(name)) + name
-
-    def _forget(self) -> None:
-        self._indexed.clear()
-        self._names.clear()
-
-
-def _bytes(text: str | bytes) -> bytes:
-    return text if isinstance(text, bytes) else text.encode()
-
-
-def _length(size: int) -> bytes:
-    """An HPACK string length (7-bit prefix, no Huffman flag)."""
-    if size < 127:
-        return bytes((size,))
-    return bytes(encode_integer(size, 7))
-
-
-def _error_code(code: int) -> h2.errors.ErrorCodes | int:
-    try:
-        return h2.errors.ErrorCodes(code)
-    except ValueError:
-        return code
-
-
 class _Stream:
     """One request's state while its stream is open."""
 
@@ -505,8 +310,7 @@ class H2Connection(asyncio.Protocol):
         self._authority = authority or (host if port == 443 else self._peer)
         self._authority_bytes = self._authority.encode()
         self._loop = asyncio.get_running_loop()
-        self._h2 = _H2State(_CLIENT_CONFIG)
-        self._h2.encoder = _HeaderEncoder()
+        self._h2 = ClientState()
         self._h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -912,6 +716,7 @@ class H2Connection(asyncio.Protocol):
                 self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
         self.responses += 1
         self._finish(stream)
+        self._h2.forget_closed(stream.id)
         if not stream.response.done():
             body = b"".join(stream.body)
             response = H2Response(stream.status, stream.headers, body)
@@ -922,6 +727,7 @@ class H2Connection(asyncio.Protocol):
         if stream is None:
             return
         self._finish(stream)
+        self._h2.forget_closed(stream.id)
         code = event.error_code
         name = getattr(code, "name", str(code))
         error = ProtocolError(f"{self._peer} reset the stream ({name})", int(code))
@@ -1106,18 +912,6 @@ class H2Connection(asyncio.Protocol):
         data = self._h2.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
-
-
-_CLIENT_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    # Request headers are built above with lowercase names and pseudo-headers
-    # first, and the providers send well-formed responses, so h2's header
-    # checks would only cost time on every request.
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-)
 
 
 @dataclass(frozen=True, slots=True)
