@@ -20,7 +20,7 @@ from pushstream.sandbox.server import (
     Response,
     SandboxServer,
 )
-from pushstream.senders.h2state import HeaderEncoder
+from pushstream.senders.h2state import HeaderDecoder, HeaderEncoder
 from pushstream.senders.http2 import (
     ConnectError,
     ConnectionLost,
@@ -706,3 +706,28 @@ async def test_long_headers_and_unique_values_arrive_intact(
     for seen in handler.seen[1:]:
         assert seen.headers["apns-id"] == "id-" + seen.path.rsplit("/", 1)[1]
         assert seen.headers["authorization"] == "bearer t"
+
+
+def test_header_decoding_matches_hpack() -> None:
+    """A saved lookup outlives a change of the table: responses would carry
+    another response's status or apns-id."""
+    encoder = hpack.Encoder()
+    ours, theirs = HeaderDecoder(65536), hpack.Decoder()
+    for i in range(300):
+        block = [
+            (":status", ("200", "410", "429")[i % 3]),
+            NeverIndexedHeaderTuple("apns-id", f"{i:036x}"),
+            ("content-type", "application/json"),
+            ("x-count", str(i // 4)),  # new every fourth response
+            ("x-long", "v" * (100 + i)),
+        ]
+        if i % 50 == 49:
+            encoder.header_table_size = (0, 256, 4096)[i // 50 % 3]
+        data = encoder.encode(block, huffman=i % 2 == 0)
+        mine, reference = ours.decode(data, raw=True), theirs.decode(data, raw=True)
+        assert mine == reference
+        assert [type(h) for h in mine] == [type(h) for h in reference]
+        assert ours.header_table.dynamic_entries == theirs.header_table.dynamic_entries
+    small = HeaderDecoder(100)
+    with pytest.raises(hpack.OversizedHeaderListError):
+        small.decode(hpack.Encoder().encode([("x", "y" * 200)]), raw=True)

@@ -24,6 +24,7 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs
 from h2.stream import StreamInputs
 from hpack import HeaderTuple
 from hpack.hpack import encode_integer
+from hpack.table import table_entry_size
 from hyperframe.frame import Frame, GoAwayFrame
 
 _CONFIG = h2.config.H2Configuration(
@@ -63,6 +64,7 @@ class ClientState(h2.connection.H2Connection):
     def __init__(self) -> None:
         super().__init__(_CONFIG)
         self.encoder = HeaderEncoder()
+        self.decoder = HeaderDecoder(self.decoder.max_header_list_size)
 
     @property
     def open_outbound_streams(self) -> int:
@@ -225,6 +227,65 @@ class HeaderEncoder(hpack.Encoder):
     def _forget(self) -> None:
         self._indexed.clear()
         self._names.clear()
+
+
+class HeaderDecoder(hpack.Decoder):
+    """hpack's decoding of the raw (bytes) fields h2 asks for, without the
+    pass that copies every decoded field, and with a field sent as a one-byte
+    table index looked up once while the table holds still."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self._indexed: dict[int, HeaderTuple] = {}
+
+    @property
+    def header_table_size(self) -> int:
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        self._indexed.clear()
+        self.header_table.maxsize = value
+
+    def decode(self, data: bytes, raw: bool = False) -> list[HeaderTuple]:
+        """hpack's ``Decoder.decode``; ``raw`` must be true (h2's call)."""
+        if not raw:
+            raise ValueError("HeaderDecoder decodes raw headers only")
+        view = memoryview(data)
+        indexed = self._indexed
+        headers: list[HeaderTuple] = []
+        inflated = 0
+        at = 0
+        while at < len(data):
+            first = data[at]
+            header: HeaderTuple | None
+            if first & 0x80:  # indexed; 0xff starts a multi-byte index
+                header = indexed.get(first)
+                consumed = 1
+                if header is None:
+                    header, consumed = self._decode_indexed(view[at:])
+                    if consumed == 1:
+                        indexed[first] = header
+            elif first & 0x40:  # a literal the table takes in: indexes move
+                header, consumed = self._decode_literal_index(view[at:])
+                indexed.clear()
+            elif first & 0x20:
+                if headers:
+                    msg = "Table size update not at the start of the block"
+                    raise hpack.HPACKDecodingError(msg)
+                consumed = self._update_encoding_context(view[at:])
+                header = None
+            else:
+                header, consumed = self._decode_literal_no_index(view[at:])
+            if header is not None:
+                headers.append(header)
+                inflated += table_entry_size(header[0], header[1])
+                if inflated > self.max_header_list_size:
+                    msg = f"a header list over {self.max_header_list_size} bytes"
+                    raise hpack.OversizedHeaderListError(msg)
+            at += consumed
+        self._assert_valid_table_size()
+        return headers
 
 
 def _bytes(text: str | bytes) -> bytes:
