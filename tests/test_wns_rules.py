@@ -428,3 +428,32 @@ def test_channel_url_follows_the_allow_list(uri: str, trusted: bool) -> None:
     client = wns.WnsClient.from_settings(settings)
 
     assert (client.channel_url(uri) is not None) is trusted
+
+
+@pytest.mark.parametrize(
+    ("uri", "where"),
+    [
+        (
+            "https://DB3.notify.windows.com/?token=AwYAAAB%2Fx",
+            ("db3.notify.windows.com", 443, "/?token=AwYAAAB%2Fx"),
+        ),
+        (
+            "https://127.0.0.1:8443/p/q?token=x&b=1",
+            ("127.0.0.1", 8443, "/p/q?token=x&b=1"),
+        ),
+        ("https://127.0.0.1:8443?token=x", ("127.0.0.1", 8443, "/?token=x")),
+        (
+            "https://127.0.0.1:8443/?token=caf\u00e9",
+            ("127.0.0.1", 8443, "/?token=caf%C3%A9"),
+        ),
+    ],
+)
+def test_channel_url_keeps_the_uri_as_written(
+    uri: str, where: tuple[str, int, str]
+) -> None:
+    """A channel URI would be rewritten (WNS treats it as opaque) or sent to
+    another host than the one the allow-list checked."""
+    settings = Settings.model_validate({"wns_allowed_hosts": ["127.0.0.1:8443"]})
+    client = wns.WnsClient.from_settings(settings)
+
+    assert client.channel_url(uri) == where

@@ -534,8 +534,8 @@ class WnsClient:
     def channel_url(self, uri: str) -> ChannelUrl | None:
         """Where to POST, or None when the channel is not trusted.
 
-        Host and port come from the same parse of the URI as the
-        allow-list's, so the host checked is the host that gets the bearer
+        Host and port come from the parser the allow-list uses
+        (``urlsplit``), so the host checked is the host that gets the bearer
         token. The target is the URI's path and query as written; characters
         outside ASCII, which no WNS channel has, are percent-encoded as UTF-8.
         """
