@@ -445,8 +445,9 @@ class H2Connection(asyncio.Protocol):
 
         ``:method``, ``:path``, ``:scheme`` and ``:authority`` come from the
         arguments and the connection; ``headers`` holds the others.
-        ``timeout`` (seconds) covers waiting for a stream slot, sending the
-        body and receiving the whole response; on expiry the stream is reset
+        ``timeout`` (seconds, rounded up to DEADLINE_TICK) covers waiting for
+        a stream slot, sending the body and receiving the whole response;
+        on expiry the stream is reset
         (RST_STREAM CANCEL) and :class:`RequestTimeout` is raised. Raises the
         other :class:`TransportError` subclasses when no answer can come,
         and :class:`InvalidRequest` at once for a header that breaks
