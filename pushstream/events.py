@@ -24,8 +24,10 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     TypeAdapter,
     field_validator,
     model_validator,
@@ -648,8 +650,13 @@ class TokenEvent(_Output):
 
 
 class TokenClaim(_Output):
-    """A user registered a token: the previous owner, if any, must let it go."""
+    """A user registered a token: the previous owner, if any, must let it go.
 
+    A record without ``type``, as workers that know only claims write it, is
+    a claim too.
+    """
+
+    type: Literal["claim"] = "claim"
     token_fp: str
     token: str
     platform: Platform
@@ -657,6 +664,54 @@ class TokenClaim(_Output):
     user_id: str
     device_id: str
     event_time_ms: int
+
+
+ReleaseReason = Literal[
+    "unregistered", "replaced", "retired", "invalidated", "released"
+]
+
+
+class TokenRelease(_Output):
+    """A user's device stopped holding a token: its owners entry may go.
+
+    The owner agent removes the entry only while it still names this user and
+    device, so a release that arrives after another user's claim changes
+    nothing. The time is ``released_at_ms``, not ``event_time_ms``: a worker
+    that knows only claims refuses a release instead of taking it for a claim.
+    """
+
+    type: Literal["release"]
+    token_fp: str
+    token: str
+    user_id: str
+    device_id: str
+    reason: ReleaseReason = Field(
+        description="unregistered, replaced (a new token), retired (the sweep or "
+        "the device limit), invalidated (a provider said it is dead), released "
+        "(another user registered it)."
+    )
+    released_at_ms: int = Field(
+        description="When the device let go; never before its last registration."
+    )
+
+
+def _owners_tag(value: Any) -> str | None:
+    """The kind of a token-owners record; one without a type is a claim."""
+    if isinstance(value, dict):
+        kind = value.get("type", "claim")
+        return kind if isinstance(kind, str) else None
+    kind = getattr(value, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+TokenOwnersRecord = Annotated[
+    Annotated[TokenClaim, Tag("claim")] | Annotated[TokenRelease, Tag("release")],
+    Discriminator(_owners_tag),
+]
+TOKEN_OWNERS_RECORD: TypeAdapter[TokenClaim | TokenRelease] = TypeAdapter(
+    TokenOwnersRecord
+)
+"""Everything the token-owners topic carries: claims and releases."""
 
 
 # --- retries (key: send id) ---------------------------------------------------------

@@ -5,11 +5,15 @@ value: :class:`~pushstream.events.UserDevices` JSON). It reads two
 co-partitioned topics keyed by user id, registrations and token-events, so a
 user's registrations and token reports meet the user's table entry on the
 same partition. The owner agent keeps the owners table (key: token
-fingerprint) from token-owners. Both run with concurrency 1 and plain
-iteration: table writes are allowed only while an event is handled, and
-inside ``take()`` they are not (faust #497). The rules they apply are in
-:mod:`pushstream.registry_rules`; an event that fails to decode or that the
-rules refuse goes to dead-letters, and the agent goes on.
+fingerprint, value: :class:`~pushstream.registry_rules.Owner` JSON) from
+token-owners: a claim makes its user the owner, and a release removes the
+entry while it still names the releasing user and device, so the table (and
+its compacted changelog, through a tombstone) keeps only tokens someone
+holds. Both run with concurrency 1 and plain iteration: table writes are
+allowed only while an event is handled, and inside ``take()`` they are not
+(faust #497). The rules they apply are in :mod:`pushstream.registry_rules`;
+an event that fails to decode or that the rules refuse goes to dead-letters,
+and the agent goes on.
 
 A table write goes to the RocksDB and changelog partition of the event being
 handled, so the periodic sweep cannot write from its timer. It scans this
@@ -38,6 +42,7 @@ from pushstream.app import (
     raw_schema,
 )
 from pushstream.events import (
+    TOKEN_OWNERS_RECORD,
     Register,
     Sweep,
     TokenClaim,
@@ -61,16 +66,13 @@ from pushstream.registry_rules import (
     register,
     release,
     settle_claim,
+    settle_release,
     sweep,
     unregister,
 )
 
 log = logging.getLogger(__name__)
 
-# TODO: the owners table keeps an entry for every token ever registered, also
-# for tokens no user holds any more (unregistered, replaced, retired). Dropping
-# those needs a "let go" message on token-owners that names the user, so that
-# it cannot remove a newer owner's entry; TokenClaim has no such form yet.
 OWNERS_TABLE = "owners"
 STAGE = "registry"
 # The sweep yields to the event loop after this many users.
@@ -95,8 +97,8 @@ class Registry:
         """One event from registrations or token-events; bad ones are dead-lettered."""
         await self._guarded(event, self._apply)
 
-    async def handle_claim(self, event: Event) -> None:
-        """One token claim from token-owners; bad ones are dead-lettered."""
+    async def handle_owners(self, event: Event) -> None:
+        """One claim or release from token-owners; bad ones are dead-lettered."""
         await self._guarded(event, self._settle)
 
     async def _guarded(
@@ -165,12 +167,12 @@ class Registry:
     async def _commit(self, user_id: str, old: UserDevices, change: Change) -> None:
         """Publish what happened, then store the new state, then claim tokens.
 
-        Token events are in Kafka before the table says they happened: after
-        a crash the event is handled again from the stored state, which would
-        not repeat them. The state is stored even when unchanged, so that a
-        state that reached RocksDB but not its changelog before a crash
-        reaches the changelog when the event is handled again. Claims need
-        no wait: handling a register again claims its token again.
+        Token events and releases are in Kafka before the table says they
+        happened: after a crash the event is handled again from the stored
+        state, which would not repeat them. The state is stored even when
+        unchanged, so that a state that reached RocksDB but not its changelog
+        before a crash reaches the changelog when the event is handled again.
+        Claims need no wait: handling a register again claims its token again.
         """
         key = user_id.encode()
         sent = []
@@ -182,6 +184,10 @@ class Registry:
                 token_event.device_id,
             )
             sent.append(await self.pipeline.publish(TOKEN_EVENTS, key, token_event))
+        for let_go in change.releases:
+            sent.append(
+                await self.pipeline.publish(TOKEN_OWNERS, let_go.token_fp, let_go)
+            )
         await asyncio.gather(*sent)
         if not is_empty(change.state):
             self.devices[key] = encode_state(change.state)
@@ -191,14 +197,32 @@ class Registry:
             await self.pipeline.publish(TOKEN_OWNERS, claim.token_fp, claim)
 
     async def _settle(self, event: Event) -> None:
-        claim = TokenClaim.model_validate_json(event.value)
+        record = TOKEN_OWNERS_RECORD.validate_json(event.value)
         key = event.message.key
-        if key is None or _text_key(key) != claim.token_fp:
-            raise Refused("a token claim is keyed by its token fingerprint")
-        if token_fingerprint(claim.token) != claim.token_fp:
+        if key is None or _text_key(key) != record.token_fp:
+            raise Refused(f"a token {record.type} is keyed by its token fingerprint")
+        if token_fingerprint(record.token) != record.token_fp:
             raise Refused("token_fp is not the fingerprint of the token")
         raw = self.owners.get(key)
         owner = Owner.model_validate_json(raw) if raw is not None else None
+        if isinstance(record, TokenClaim):
+            await self._claim(key, owner, record)
+        elif owner is None:
+            # Deleted again, as _commit stores an unchanged state: a deletion
+            # that reached RocksDB but not the changelog before a crash
+            # reaches the changelog when the release is handled again.
+            del self.owners[key]
+        elif settle_release(owner, record):
+            log.debug(
+                "registry: token %s… let go (%s) by user %s device %s",
+                record.token_fp[:8],
+                record.reason,
+                record.user_id,
+                record.device_id,
+            )
+            del self.owners[key]
+
+    async def _claim(self, key: bytes, owner: Owner | None, claim: TokenClaim) -> None:
         new_owner, released = settle_claim(owner, claim)
         if released is not None and released.user_id is not None:
             # In Kafka before the new owner is stored (see _commit).
@@ -285,7 +309,7 @@ def attach(pipeline: Pipeline) -> Registry:
 
     async def owner_agent(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            await registry.handle_claim(event)
+            await registry.handle_owners(event)
 
     app.agent(inputs, name="pushstream.registry", concurrency=1)(registry_agent)
     app.agent(pipeline.topics[TOKEN_OWNERS], name="pushstream.owners", concurrency=1)(

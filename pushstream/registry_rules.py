@@ -3,9 +3,9 @@
 Each rule takes the state held for one user
 (:class:`~pushstream.events.UserDevices`) and one event, and returns a
 :class:`Change`: the new state, the token events to publish on token-events
-(keyed by user id) and the token claims to publish on token-owners (keyed by
-token fingerprint). No I/O: the agents in :mod:`pushstream.registry` decode,
-look up, apply and publish.
+(keyed by user id) and the token claims and releases to publish on
+token-owners (keyed by token fingerprint). No I/O: the agents in
+:mod:`pushstream.registry` decode, look up, apply and publish.
 
 What the rules guarantee:
 
@@ -30,6 +30,13 @@ What the rules guarantee:
   claim per token (:func:`settle_claim`) and publishes ``released`` to the
   user who loses it; that user's registry then drops the token unless it
   registered it again after the winning claim.
+- Whenever a device stops holding a token (unregistered, replaced by a new
+  token, retired by the sweep or the device limit, invalidated by its
+  provider, released to another user), the rule publishes a
+  :class:`~pushstream.events.TokenRelease` naming the user and device; the
+  owner agent drops the token's entry only while it still names them
+  (:func:`settle_release`), so the owners table forgets tokens nobody holds.
+  A token the same change claims again is not released.
 - ``invalidated`` (from a sender) marks exactly that token invalid, never a
   newer token of the same device, and not when the token was registered
   again after the provider's time (or, without one, after the sender's
@@ -58,10 +65,12 @@ from pushstream.events import (
     REGISTRATIONS_RECORD,
     Device,
     Register,
+    ReleaseReason,
     Sweep,
     TokenClaim,
     TokenEvent,
     TokenEventType,
+    TokenRelease,
     Unregister,
     UserDevices,
     device_id_for_token,
@@ -124,6 +133,7 @@ class Change:
     state: UserDevices
     token_events: tuple[TokenEvent, ...] = ()
     claims: tuple[TokenClaim, ...] = ()
+    releases: tuple[TokenRelease, ...] = ()
 
 
 # --- the rules (pure) ------------------------------------------------------------
@@ -157,6 +167,7 @@ def register(state: UserDevices, event: Register, rules: Rules, now: int) -> Cha
     if holder is not None:
         _mark(removed, holder.device_id, at)
     token_events = []
+    releases = []
     if current is None:
         device = _new_device(event, device_id, token, at)
     elif current.token == token and current.platform == event.platform:
@@ -168,6 +179,7 @@ def register(state: UserDevices, event: Register, rules: Rules, now: int) -> Cha
                 "replaced", event.user_id, current, "replaced by a new token", at
             )
         )
+        releases.append(_release(event.user_id, current, "replaced", at))
 
     devices = [d for d in state.devices if d.device_id not in (device_id, _id(holder))]
     devices.append(device)
@@ -176,6 +188,7 @@ def register(state: UserDevices, event: Register, rules: Rules, now: int) -> Cha
     for gone in retired:
         _mark(removed, gone.device_id, at)
         token_events.append(_token_event("retired", event.user_id, gone, reason, at))
+        releases.append(_release(event.user_id, gone, "retired", at))
 
     claim = TokenClaim(
         token_fp=token_fingerprint(token),
@@ -187,7 +200,8 @@ def register(state: UserDevices, event: Register, rules: Rules, now: int) -> Cha
         event_time_ms=at,
     )
     claims = () if device in retired else (claim,)
-    return Change(_state(devices, removed), tuple(token_events), claims)
+    kept = tuple(r for r in releases if not any(c.token == r.token for c in claims))
+    return Change(_state(devices, removed), tuple(token_events), claims, kept)
 
 
 def unregister(state: UserDevices, event: Unregister, now: int) -> Change:
@@ -209,7 +223,10 @@ def unregister(state: UserDevices, event: Unregister, now: int) -> Change:
     removed = dict(state.removed)
     _mark(removed, device_id, at)
     devices = [d for d in state.devices if d.device_id != device_id]
-    return Change(_state(devices, removed))
+    releases = (
+        () if target is None else (_release(event.user_id, target, "unregistered", at),)
+    )
+    return Change(_state(devices, removed), releases=releases)
 
 
 def invalidate(state: UserDevices, event: TokenEvent) -> Change:
@@ -244,7 +261,9 @@ def invalidate(state: UserDevices, event: TokenEvent) -> Change:
         event_time_ms=event.event_time_ms,
         notification_id=event.notification_id,
     )
-    return Change(_replace(state, marked), (request,))
+    assert event.user_id is not None  # the agent fills it in from the record key
+    let_go = _release(event.user_id, device, "invalidated", as_of)
+    return Change(_replace(state, marked), (request,), releases=(let_go,))
 
 
 def release(state: UserDevices, event: TokenEvent) -> Change:
@@ -256,7 +275,9 @@ def release(state: UserDevices, event: TokenEvent) -> Change:
     removed = dict(state.removed)
     _mark(removed, device.device_id, event.event_time_ms)
     devices = [d for d in state.devices if d.device_id != device.device_id]
-    return Change(_state(devices, removed))
+    assert event.user_id is not None  # the agent fills it in from the record key
+    let_go = _release(event.user_id, device, "released", event.event_time_ms)
+    return Change(_state(devices, removed), releases=(let_go,))
 
 
 def needs_sweep(state: UserDevices, cutoff_ms: int) -> bool:
@@ -279,8 +300,10 @@ def sweep(state: UserDevices, event: Sweep, rules: Rules, now: int) -> Change:
     removed = {k: at for k, at in state.removed.items() if at >= cutoff}
     reason = f"not seen for {rules.max_age_days} days"
     token_events = []
+    releases = []
     for gone in stale:
         _mark(removed, gone.device_id, cutoff)
+        releases.append(_release(event.user_id, gone, "retired", cutoff))
         token_events.append(
             _token_event("retired", event.user_id, gone, reason, event.at_ms)
         )
@@ -290,7 +313,7 @@ def sweep(state: UserDevices, event: Sweep, rules: Rules, now: int) -> Change:
                     "reregister_requested", event.user_id, gone, reason, event.at_ms
                 )
             )
-    return Change(_state(devices, removed), tuple(token_events))
+    return Change(_state(devices, removed), tuple(token_events), (), tuple(releases))
 
 
 def settle_claim(
@@ -325,6 +348,24 @@ def settle_claim(
         event_time_ms=winner_time,
     )
     return (claimant if newer else None), released
+
+
+def settle_release(owner: Owner | None, release: TokenRelease) -> bool:
+    """Whether a release removes the token's owners entry.
+
+    Only while the entry still names the releasing user and device: a release
+    published from one user's partition may reach the owner agent after
+    another user's claim (or a claim by another device of the same user),
+    which it must not undo. A release older than the stored claim is left
+    alone too; the registry never publishes one, since a device lets go no
+    earlier than its last registration.
+    """
+    return (
+        owner is not None
+        and owner.user_id == release.user_id
+        and owner.device_id == release.device_id
+        and release.released_at_ms >= owner.event_time_ms
+    )
 
 
 def is_empty(state: UserDevices) -> bool:
@@ -445,6 +486,21 @@ def _token_event(
         token=device.token,
         reason=reason,
         event_time_ms=at,
+    )
+
+
+def _release(
+    user_id: str, device: Device, reason: ReleaseReason, at: int
+) -> TokenRelease:
+    """The release of a device's token, as of ``at`` or its last registration."""
+    return TokenRelease(
+        type="release",
+        token_fp=token_fingerprint(device.token),
+        token=device.token,
+        user_id=user_id,
+        device_id=device.device_id,
+        reason=reason,
+        released_at_ms=max(at, device.last_seen_ms),
     )
 
 

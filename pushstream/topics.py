@@ -99,7 +99,11 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(NOTIFICATIONS, "user id", "partitions", 7 * DAY_MS, events.Notification),
     TopicSpec(TOKEN_EVENTS, "user id", "partitions", 7 * DAY_MS, events.TokenEvent),
     TopicSpec(
-        TOKEN_OWNERS, "token fingerprint", "partitions", 7 * DAY_MS, events.TokenClaim
+        TOKEN_OWNERS,
+        "token fingerprint",
+        "partitions",
+        7 * DAY_MS,
+        events.TOKEN_OWNERS_RECORD,
     ),
     TopicSpec(SENDS_APNS, "send id", "send_partitions", DAY_MS, events.Send),
     TopicSpec(SENDS_FCM, "send id", "send_partitions", DAY_MS, events.Send),

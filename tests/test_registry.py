@@ -259,6 +259,137 @@ async def test_token_registered_by_another_user_leaves_the_first(
     assert b'"user_id":"bob"' in owner
 
 
+def fp(token: str) -> str:
+    return token_fingerprint(token)
+
+
+def release_record(
+    user: str, device: str, token: str, when: float, **extra: Any
+) -> tuple[str, dict[str, Any]]:
+    """A token-owners release as the registry publishes it (key, value)."""
+    value: dict[str, Any] = {
+        "type": "release",
+        "token_fp": fp(token),
+        "token": token,
+        "user_id": user,
+        "device_id": device,
+        "reason": "unregistered",
+        "released_at_ms": ms(when),
+    }
+    value.update(extra)
+    return fp(token), value
+
+
+async def owners_changelog(settings: Settings) -> list[Message]:
+    return await read_all(settings, f"{settings.app_id}-owners-changelog")
+
+
+async def test_unregister_removes_the_tokens_owners_entry(
+    harness: Harness, worker_env: Env
+) -> None:
+    """The owners table would keep every token ever registered, for ever."""
+    settings = harness.settings
+    with WorkerProcess(worker_env()):
+        await harness.registrations(
+            register("alice", apns(1), 0, device="phone"),
+            register("alice", apns(2), 0, device="tablet"),
+        )
+        await harness.settled()
+        before = await read_table(settings, "owners")
+        await harness.registrations(unregister("alice", 10, device_id="phone"))
+        await harness.settled()
+        after = await read_table(settings, "owners")
+        changelog = await owners_changelog(settings)
+        releases = await read_all(settings, settings.topic("token-owners"))
+
+    assert set(before) == {fp(apns(1)), fp(apns(2))}
+    assert set(after) == {fp(apns(2))}
+    # A tombstone: compaction drops the key's older records, then the key.
+    assert [m.value for m in changelog if m.key == fp(apns(1))][-1] is None
+    [let_go] = [m for m in releases if m.value.get("type") == "release"]
+    assert let_go.key == fp(apns(1))
+    assert let_go.value["user_id"] == "alice"
+    assert let_go.value["device_id"] == "phone"
+    assert let_go.value["reason"] == "unregistered"
+
+
+async def test_rotated_token_leaves_the_owners_table(
+    harness: Harness, worker_env: Env
+) -> None:
+    """Every token rotation would leave one more owners entry behind."""
+    settings = harness.settings
+    with WorkerProcess(worker_env()):
+        await harness.registrations(
+            register("alice", apns(1), 0, device="phone"),
+            register("alice", apns(2), 10, device="phone"),
+            register("alice", apns(3), 20, device="phone"),
+        )
+        await harness.settled()
+        owners = await read_table(settings, "owners")
+    assert set(owners) == {fp(apns(3))}
+    assert owners[fp(apns(3))]["device_id"] == "phone"
+
+
+async def test_late_release_keeps_the_new_owners_entry(
+    harness: Harness, worker_env: Env
+) -> None:
+    """Alice's release reaching the owner agent after Bob's claim would make
+    Bob's token ownerless: the next user to register it would not take it
+    from Bob, and both would get each other's pushes."""
+    settings = harness.settings
+    with WorkerProcess(worker_env()):
+        await harness.registrations(register("alice", apns(1), 0, device="ipad"))
+        await harness.settled()
+        await harness.registrations(register("bob", apns(1), 10, device="ipad"))
+        await harness.settled()
+        # Alice's registry let go after it was released, behind Bob's claim.
+        published = await read_all(settings, settings.topic("token-owners"))
+        owner = (await read_table(settings, "owners")).get(fp(apns(1)))
+        # A release of Alice's that is later still (her unregister, say).
+        await harness.kafka.produce(
+            settings.topic("token-owners"),
+            [release_record("alice", "ipad", apns(1), 30)],
+        )
+        await harness.settled()
+        owner_after = (await read_table(settings, "owners")).get(fp(apns(1)))
+        # Carol takes it from Bob: Bob is told, so he still had an owner entry.
+        await harness.registrations(register("carol", apns(1), 40, device="ipad"))
+        await harness.settled()
+        assert await harness.tokens("bob") == {}
+        assert await harness.tokens("carol") == {"ipad": apns(1)}
+        final = (await read_table(settings, "owners")).get(fp(apns(1)))
+        assert await harness.dead_letters() == []
+
+    kinds = [(m.value.get("type", "claim"), m.value["user_id"]) for m in published]
+    assert kinds == [("claim", "alice"), ("claim", "bob"), ("release", "alice")]
+    assert owner == {"user_id": "bob", "device_id": "ipad", "event_time_ms": ms(10)}
+    assert owner_after == owner
+    assert final == {"user_id": "carol", "device_id": "ipad", "event_time_ms": ms(40)}
+
+
+async def test_sweep_retirement_removes_the_owners_entry(
+    harness: Harness, worker_env: Env
+) -> None:
+    """Tokens of devices retired for age would keep owners entries for ever."""
+    settings = harness.settings
+    env = worker_env(PUSHSTREAM_TOKEN_MAX_AGE_DAYS="1", PUSHSTREAM_SWEEP_INTERVAL_S="1")
+    two_days = 2 * 24 * 3600
+
+    async def owned() -> set[str]:
+        await harness.settled()
+        return set(await read_table(settings, "owners"))
+
+    with WorkerProcess(env):
+        await harness.registrations(
+            register("alice", apns(1), -two_days, device="old"),
+            register("alice", apns(2), 0, device="new"),
+        )
+        owners = await poll(owned, {fp(apns(2))})
+        tokens = await harness.tokens("alice")
+    assert tokens == {"new": apns(2)}
+    assert owners == {fp(apns(2))}
+
+
 async def test_invalidated_token_is_marked_and_reregistration_requested(
     harness: Harness, worker_env: Env
 ) -> None:
@@ -282,6 +413,7 @@ async def test_invalidated_token_is_marked_and_reregistration_requested(
         bob = (await harness.devices("bob")).devices
         carol = (await harness.devices("carol")).devices
         requested = await harness.published("reregister_requested")
+        owners = await read_table(harness.settings, "owners")
 
     assert [(d.token, d.state, d.invalidated_at_ms) for d in alice] == [
         (apns(1), "invalid", ms(35))
@@ -291,6 +423,8 @@ async def test_invalidated_token_is_marked_and_reregistration_requested(
     assert [(m.key, m.value["token"], m.value["reason"]) for m in requested] == [
         ("alice", apns(1), "Unregistered")
     ]
+    # Alice's dead token and Bob's replaced one are nobody's any more.
+    assert set(owners) == {fp(apns(3)), fp(apns(4))}
 
 
 async def test_registry_ignores_its_own_token_events(
@@ -383,6 +517,24 @@ BAD_REGISTRATIONS: list[tuple[str, str | bytes | None, Any, str]] = [
 ]
 
 
+# Releases an owner agent must refuse: (key, value), and a part of the reason.
+_FORGED = release_record("alice", "phone", apns(1), 0)
+BAD_RELEASES: list[tuple[str, Any]] = [
+    ("mallory", _FORGED[1]),
+    ("0" * 32, {**_FORGED[1], "token_fp": "0" * 32}),
+    (_FORGED[0], {**_FORGED[1], "reason": "bored"}),
+    (_FORGED[0], {**_FORGED[1], "type": "steal"}),
+    (_FORGED[0], {**_FORGED[1], "user_id": None}),
+]
+BAD_RELEASE_REASONS = [
+    "a token release is keyed by its token fingerprint",
+    "token_fp is not the fingerprint of the token",
+    "release.reason",
+    "does not match any of the expected tags",
+    "release.user_id",
+]
+
+
 async def test_bad_input_goes_to_dead_letters_and_the_agent_goes_on(
     harness: Harness, worker_env: Env
 ) -> None:
@@ -401,7 +553,7 @@ async def test_bad_input_goes_to_dead_letters_and_the_agent_goes_on(
                 ("mallory", invalidated("alice", apns(1), 0)),
             ],
         )
-        bad_claim = await kafka.produce(
+        bad_owners = await kafka.produce(
             settings.topic("token-owners"),
             [
                 (
@@ -415,7 +567,8 @@ async def test_bad_input_goes_to_dead_letters_and_the_agent_goes_on(
                         "device_id": "d",
                         "event_time_ms": 1,
                     },
-                )
+                ),
+                *BAD_RELEASES,
             ],
         )
         await harness.registrations(register("alice", fcm(7), 50, device="phone"))
@@ -437,7 +590,11 @@ async def test_bad_input_goes_to_dead_letters_and_the_agent_goes_on(
     expected += [
         (settings.topic("token-events"), bad_events[0], "Invalid JSON"),
         (settings.topic("token-events"), bad_events[1], "record key"),
-        (settings.topic("token-owners"), bad_claim[0], "fingerprint"),
+        (settings.topic("token-owners"), bad_owners[0], "fingerprint"),
+    ]
+    expected += [
+        (settings.topic("token-owners"), position, why)
+        for position, why in zip(bad_owners[1:], BAD_RELEASE_REASONS, strict=True)
     ]
     assert len(letters) == len(expected)
     for topic, (partition, offset), why in expected:

@@ -3,19 +3,24 @@ properties over random event orders."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pushstream.events import (
+    TOKEN_OWNERS_RECORD,
     Platform,
     Register,
     Sweep,
     TokenClaim,
     TokenEvent,
+    TokenRelease,
     Unregister,
     UserDevices,
     device_id_for_token,
@@ -37,6 +42,7 @@ from pushstream.registry_rules import (
     register,
     release,
     settle_claim,
+    settle_release,
     sweep,
     unregister,
 )
@@ -562,6 +568,203 @@ def test_owner_is_the_latest_claim_in_any_order(order: list[int]) -> None:
     assert owner == Owner(user_id="user2", device_id="d5", event_time_ms=6000)
 
 
+# --- letting go of tokens -------------------------------------------------------------
+
+
+def let_go(change: Change) -> list[tuple[str, str, str, str, int]]:
+    """(reason, user, device, token, time) of each release, checking its key."""
+    for r in change.releases:
+        assert r.token_fp == token_fingerprint(r.token)
+    return [
+        (r.reason, r.user_id, r.device_id, r.token, r.released_at_ms)
+        for r in change.releases
+    ]
+
+
+def test_unregister_releases_the_devices_token() -> None:
+    """A logged-out device's token would stay in the owners table for ever."""
+    first = apply(EMPTY, reg(1000, apns(1)))
+    change = unregister(first.state, unreg(2000, device_id="phone"), NOW)
+    assert let_go(change) == [("unregistered", "alice", "phone", apns(1), 2000)]
+
+    by_token = unregister(first.state, unreg(2000, token=apns(1).upper()), NOW)
+    assert let_go(by_token) == [("unregistered", "alice", "phone", apns(1), 2000)]
+
+
+def test_unregister_of_an_unknown_device_releases_nothing() -> None:
+    """A release would name a token this user never held."""
+    change = unregister(EMPTY, unreg(2000, device_id="phone"), NOW)
+    assert change.releases == ()
+    late = apply(EMPTY, reg(3000, apns(1)), unreg(2000, device_id="phone"))
+    assert late.releases == ()
+
+
+def test_new_token_releases_the_replaced_one() -> None:
+    """Every rotated token would keep an owners entry for ever."""
+    first = register(EMPTY, reg(1000, apns(1)), RULES, NOW)
+    change = register(first.state, reg(2000, apns(2)), RULES, NOW)
+    assert let_go(change) == [("replaced", "alice", "phone", apns(1), 2000)]
+    assert [c.token for c in change.claims] == [apns(2)]
+
+
+def test_refresh_and_a_move_between_devices_release_nothing() -> None:
+    """The owner of a token still in use would be forgotten."""
+    first = register(EMPTY, reg(1000, apns(1), "old"), RULES, NOW)
+    again = register(first.state, reg(2000, apns(1), "old"), RULES, NOW)
+    moved = register(again.state, reg(3000, apns(1), "new"), RULES, NOW)
+    assert again.releases == ()
+    assert moved.releases == ()
+    assert [(c.device_id, c.token) for c in moved.claims] == [("new", apns(1))]
+
+
+def test_device_limit_releases_the_retired_token() -> None:
+    """Tokens of devices retired by the limit would keep owners entries."""
+    change = apply(
+        EMPTY,
+        reg(1000, apns(1), "a"),
+        reg(2000, apns(2), "b"),
+        reg(3000, apns(3), "c"),
+        reg(4000, apns(4), "d"),
+    )
+    assert let_go(change) == [("retired", "alice", "a", apns(1), 4000)]
+
+
+def test_release_time_is_never_before_the_last_registration() -> None:
+    """The owner agent would keep the entry of an invalid device retired late."""
+    change = apply(
+        EMPTY,
+        reg(5000, apns(1), "a"),
+        reg(6000, apns(2), "b"),
+        reg(7000, apns(3), "c"),
+    )
+    change = invalidate(change.state, report("invalidated", 8000, apns(3), 7500))
+    late = register(change.state, reg(2000, apns(4), "d"), RULES, NOW)
+    assert let_go(late) == [("retired", "alice", "c", apns(3), 7000)]
+
+
+def test_sweep_releases_the_retired_tokens() -> None:
+    """Tokens of long-gone devices would keep owners entries for ever."""
+    change = apply(EMPTY, reg(1000, apns(1), "old"), reg(9000, apns(2), "fresh"))
+    swept = sweep(change.state, sweep_at(5000), RULES, NOW)
+    assert let_go(swept) == [("retired", "alice", "old", apns(1), 5000)]
+
+
+def test_invalidation_releases_the_dead_token() -> None:
+    """Every token a provider declared dead would keep its owners entry."""
+    first = apply(EMPTY, reg(1000, apns(1)))
+    change = invalidate(first.state, report("invalidated", 5000, apns(1), 4000))
+    assert let_go(change) == [("invalidated", "alice", "phone", apns(1), 4000)]
+    again = invalidate(change.state, report("invalidated", 6000, apns(1), 4000))
+    assert again.releases == ()
+
+
+def test_release_to_another_user_is_released_on_token_owners_too() -> None:
+    """The losing user's let-go would never reach the owner agent."""
+    first = apply(EMPTY, reg(1000, apns(1)))
+    change = release(first.state, report("released", 2000, apns(1)))
+    assert let_go(change) == [("released", "alice", "phone", apns(1), 2000)]
+    spared = release(first.state, report("released", 500, apns(1)))
+    assert spared.releases == ()
+
+
+def let_go_of(user: str, device: str, t: int, token: str = apns(1)) -> TokenRelease:
+    return TokenRelease(
+        type="release",
+        token_fp=token_fingerprint(token),
+        token=token,
+        user_id=user,
+        device_id=device,
+        reason="unregistered",
+        released_at_ms=t,
+    )
+
+
+def test_release_by_the_owner_removes_the_entry() -> None:
+    """Tokens nobody holds would stay in the owners table for ever."""
+    held = Owner(user_id="alice", device_id="phone", event_time_ms=1000)
+    assert settle_release(held, let_go_of("alice", "phone", 1000))
+    assert settle_release(held, let_go_of("alice", "phone", 2000))
+
+
+def test_release_never_removes_another_owner() -> None:
+    """A late release would make the new owner's token ownerless.
+
+    Then a third user's claim would not release the new owner, and two users
+    would get each other's pushes.
+    """
+    bob = Owner(user_id="bob", device_id="ipad", event_time_ms=2000)
+    assert not settle_release(bob, let_go_of("alice", "ipad", 3000))
+    assert not settle_release(bob, let_go_of("bob", "phone", 3000))
+    assert not settle_release(bob, let_go_of("bob", "ipad", 1500))
+    assert not settle_release(None, let_go_of("alice", "ipad", 3000))
+
+
+def test_late_release_after_another_users_claim_keeps_the_claim() -> None:
+    """Alice's release, published after Bob's claim, would delete Bob's entry."""
+    owner, _ = settle_claim(None, claim("alice", 1000))
+    new_owner, released = settle_claim(owner, claim("bob", 2000, "ipad"))
+    assert released is not None
+    alice_state = apply(EMPTY, reg(1000, apns(1))).state
+    late = release(alice_state, released)
+    [alice_lets_go] = late.releases
+    assert not settle_release(new_owner, alice_lets_go)
+
+
+def test_owners_records_without_a_type_are_claims() -> None:
+    """Claims already on token-owners would be refused after an upgrade."""
+    old = claim("alice", 1000).model_dump(exclude={"type"})
+    assert "type" not in old
+    assert TOKEN_OWNERS_RECORD.validate_python(old) == claim("alice", 1000)
+    assert json_round_trip(claim("alice", 1000)) == claim("alice", 1000)
+    assert json_round_trip(let_go_of("alice", "phone", 1)) == let_go_of(
+        "alice", "phone", 1
+    )
+
+
+def json_round_trip(record: TokenClaim | TokenRelease) -> TokenClaim | TokenRelease:
+    return TOKEN_OWNERS_RECORD.validate_json(record.model_dump_json())
+
+
+def test_owners_schema_file_tells_claims_from_releases() -> None:
+    """A reader validating token-owners by its schema would refuse a release."""
+    path = Path(__file__).resolve().parent.parent / "topics" / "token-owners.json"
+    schema = json.loads(path.read_text())["schema"]
+    old_claim = claim("alice", 1000).model_dump(exclude={"type"})
+    for record in (
+        claim("alice", 1000).model_dump(),
+        old_claim,
+        let_go_of("alice", "phone", 1).model_dump(),
+    ):
+        jsonschema.validate(record, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**old_claim, "type": "release"}, schema)
+
+
+def test_a_release_is_not_a_claim_to_a_worker_that_knows_only_claims() -> None:
+    """During an upgrade an older worker would take a release for a claim."""
+    with pytest.raises(ValueError, match="event_time_ms"):
+        TokenClaim.model_validate_json(let_go_of("alice", "phone", 1).model_dump_json())
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"type":"hello"}', "does not match any of the expected tags"),
+        (b"[1]", "Unable to extract tag"),
+        (b'{"type":"release","token":"t"}', "release.user_id\\n  Field required"),
+        (
+            b'{"type":"release","token_fp":"a","token":"t","user_id":"u",'
+            b'"device_id":"d","reason":"bored","released_at_ms":1}',
+            "release.reason",
+        ),
+    ],
+)
+def test_bad_owners_records_fail_to_decode(raw: bytes, why: str) -> None:
+    """A forged or broken record would be applied half-way, or crash the agent."""
+    with pytest.raises(ValueError, match=why):
+        TOKEN_OWNERS_RECORD.validate_json(raw)
+
+
 # --- the sweep ------------------------------------------------------------------------
 
 
@@ -778,3 +981,50 @@ def test_invariants_hold_after_any_sequence(
             assert (d.state == "invalid") == (d.invalidated_at_ms is not None)
             assert d.device_id not in state.removed
         assert decode_state(encode_state(state)) == state
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["reg", "unreg", "invalid", "release", "sweep"]),
+            st.sampled_from(["a", "b", "c", "d", "e", None]),
+            st.integers(0, 5),
+            st.integers(1, 10_000),
+        ),
+        max_size=30,
+    )
+)
+def test_every_token_a_device_stops_holding_is_released(
+    steps: list[tuple[str, str | None, int, int]],
+) -> None:
+    """The owners table would keep entries of tokens nobody holds, or lose live ones."""
+    state = EMPTY
+    for kind, device, n, t in steps:
+        token = apns(n) if n % 2 else fcm(n)
+        if kind == "reg":
+            change = register(state, reg(t, token, device), RULES, NOW)
+        elif kind == "unreg":
+            names = {"device_id": device} if device else {"token": token}
+            change = unregister(state, unreg(t, **names), NOW)
+        elif kind == "sweep":
+            change = sweep(state, sweep_at(t), RULES, t + RULES.max_age_ms)
+        else:
+            change = (invalidate if kind == "invalid" else release)(
+                state, report(kind + ("ated" if kind == "invalid" else "d"), t, token)
+            )
+        live = {(d.device_id, d.token) for d in state.devices if d.state == "active"}
+        kept = {(d.device_id, d.token) for d in change.state.devices}
+        claimed = {c.token for c in change.claims}
+        released = {(r.device_id, r.token) for r in change.releases}
+        gone = {(d, tok) for d, tok in live if (d, tok) not in kept}
+        invalid = {
+            (d.device_id, d.token) for d in change.state.devices if d.state == "invalid"
+        }
+        assert {
+            (d, tok) for d, tok in gone | (live & invalid) if tok not in claimed
+        } <= (released)
+        assert not released & {
+            (d.device_id, d.token) for d in change.state.devices if d.state == "active"
+        }
+        state = change.state
