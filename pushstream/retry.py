@@ -125,13 +125,15 @@ class HoldRelease:
     Faust waits, on a rebalance and at shutdown, until every message in hand
     is acknowledged (``stream_wait_empty``). An agent that holds messages for
     a while (retry requests not yet due, sends waiting for a breaker) checks
-    :attr:`active` and wakes up on the events from :meth:`new_event`, then
-    finishes or re-queues what it holds.
+    :attr:`active` and wakes up on the events from :meth:`new_event` (or when
+    the future of :meth:`started` is done), then finishes or re-queues what
+    it holds.
     """
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
         self._events: list[asyncio.Event] = []
+        self._started: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         app.sensors.add(_RebalanceSensor(self._notify_threadsafe))
 
@@ -145,6 +147,18 @@ class HoldRelease:
         event = asyncio.Event()
         self._events.append(event)
         return event
+
+    def started(self) -> asyncio.Future[None]:
+        """A future done once a handover starts (at once while one runs).
+
+        Shared by every waiter, unlike :meth:`new_event`, so that many tasks
+        can wait for a handover without one task or event each.
+        """
+        if self._started is None or (self._started.done() and not self.active):
+            self._started = asyncio.get_running_loop().create_future()
+        if self.active and not self._started.done():
+            self._started.set_result(None)
+        return self._started
 
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
@@ -169,6 +183,8 @@ class HoldRelease:
     def _notify(self) -> None:
         for event in self._events:
             event.set()
+        if self._started is not None and not self._started.done():
+            self._started.set_result(None)
 
 
 async def wait_event(event: asyncio.Event, seconds: float | None) -> None:

@@ -410,6 +410,37 @@ async def test_sends_that_always_meet_an_outage_cannot_block_their_platform(
     )
 
 
+async def test_a_slow_request_delays_only_its_own_outcome_and_bounds_reading(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess
+) -> None:
+    """One slow answer would hold back every push taken with it, or memory grow."""
+    sandbox.scenario(platform="fcm", settings={"slow_s": 2.5})
+    slow = make_send("fcm", fcm_token("slow"))
+    others = [make_send("fcm", fcm_token()) for _ in range(30)]
+    # One partition: the sends behind the slow one cannot be acknowledged
+    # before it, so they count against the bound until it is answered.
+    for send in (slow, *others):
+        topic = pipeline.topic("sends.fcm")
+        await kafka.produce(topic, [(send.send_id, send)], partition=0)
+
+    early = await wait_for(
+        pipeline, "deliveries", lambda rs: len(outcomes_found(rs, others)) >= 5
+    )
+    assert not outcomes_found(early, [slow])
+
+    found = await deliveries_of(pipeline, slow, *others)
+    assert {d["outcome"] for d in found.values()} == {"delivered"}
+    answered = found[slow.send_id]["completed_at_ms"]
+    before = [s for s in others if found[s.send_id]["completed_at_ms"] < answered]
+    unacked_limit = 5 + 10  # PUSHSTREAM_MAX_IN_FLIGHT + PUSHSTREAM_SEND_BATCH_SIZE
+    assert 5 <= len(before) <= unacked_limit - 1
+
+
+def outcomes_found(records: list[Message], sends: list[Send]) -> list[str]:
+    """The ids of the sends that have a delivery among ``records``."""
+    return [send_id for send_id, found in outcomes(records, sends).items() if found]
+
+
 async def wait_for_requests(sandbox: SandboxProcess, platform: str, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while sandbox.stats()[platform]["requests"] < count:

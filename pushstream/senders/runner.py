@@ -1,10 +1,13 @@
 """The sender agents: from each platform's send topic to its provider and back.
 
-One agent per platform reads ``sends.<platform>`` with concurrency 1 and
-works in batches: it takes up to ``send_batch_size`` sends (or what arrived
-within ``send_batch_within_s``), makes their requests concurrently, at most
-``max_in_flight`` at a time (the HTTP/2 transport further bounds them by the
-server's stream limit), and publishes exactly one result for each send:
+One agent per platform reads ``sends.<platform>`` with concurrency 1. It
+takes sends in batches (up to ``send_batch_size``, or what arrived within
+``send_batch_within_s``) but does not wait for a batch to finish: each send
+is handled by a task of its own, and the agent takes the next batch while
+earlier sends are still in flight. Requests run at most ``max_in_flight`` at
+a time (the HTTP/2 transport further bounds them by the server's stream
+limit). Each send's result is published as soon as its own request is
+answered, exactly one per send:
 
 - a :class:`~pushstream.events.Delivery` (delivered, invalid_token, failed,
   dropped, or expired when its time to live passed before the request), plus
@@ -14,15 +17,24 @@ server's stream limit), and publishes exactly one result for each send:
   (:mod:`pushstream.retry`); after ``retry_max_attempts`` attempts the send
   fails with ``retries_exhausted`` and goes to dead-letters.
 
-At least once: a batch's messages are acknowledged, in order, only after
-Kafka has every result published for them, so a committed offset always has
-its outcome in Kafka. This is why the agent uses ``noack_take`` and acks
-itself: ``take()`` acknowledges a batch in a ``finally`` block, also when the
-body is left by an exception or a cancellation, which would commit sends
-whose outcome was never published.
+At least once: a message is acknowledged only after Kafka has confirmed every
+result published for it, and only once every earlier message of its
+partition is acknowledged too, because faust-streaming can commit past a
+lone unacknowledged offset (see :meth:`PlatformSender._ack_ready`). So a
+committed offset always has its outcome in Kafka. This is why the agent uses
+``noack_take`` and acks itself: ``take()`` acknowledges a batch in a
+``finally`` block, also when the body is left by an exception or a
+cancellation, which would commit sends whose outcome was never published.
+
+Bounded: the agent takes another batch only while at most ``max_in_flight``
+messages are unacknowledged, so at most ``max_in_flight + send_batch_size``
+are in hand. A slow provider, or one slow request at the head of a
+partition (the messages behind it wait to be acknowledged in turn), slows
+the reading of the topic instead of growing memory.
 
 Each platform has a circuit breaker (:mod:`pushstream.senders.breaker`);
-while it is open the agent holds its batch. Holding charges no attempt, so
+while it is open the sends are held, and try again at the breaker's next
+probe time or once its probe is answered. Holding charges no attempt, so
 no send may be held for ever: the half-open probe's answer is settled like
 any other (a probe that fails again moves to the retries topic, one
 attempt spent, and the next probe is another send), and a send whose
@@ -36,7 +48,9 @@ back to the end of their send topic (unchanged, same attempt) and are
 acknowledged; requests already in flight get ``shutdown_timeout_s / 2`` to
 finish before they are abandoned the same way. An abandoned request may have
 reached the provider: the retry can then deliver it twice, which
-at-least-once allows.
+at-least-once allows. A send's task that fails unexpectedly crashes the
+worker, as an error in the agent itself does; its message and those after
+it stay unacknowledged and are read again.
 """
 
 from __future__ import annotations
@@ -44,7 +58,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -286,6 +301,14 @@ def decode_send(value: bytes | None, platform: Platform) -> Send:
 
 
 @dataclass(eq=False, slots=True)
+class _Taken:
+    """One message taken from the send topic, in hand until acknowledged."""
+
+    event: Any  # faust.EventT
+    done: bool = False  # its outcome is in Kafka: it may be acknowledged in turn
+
+
+@dataclass(eq=False, slots=True)
 class _Item:
     event: Any  # faust.EventT
     send: Send
@@ -300,7 +323,7 @@ class _Answer:
 
 
 class PlatformSender:
-    """The sending loop of one platform: batches, breaker, outcomes, acks."""
+    """The sending loop of one platform: sends, breaker, outcomes, acks."""
 
     def __init__(
         self,
@@ -316,14 +339,23 @@ class PlatformSender:
         self.release = retry.HoldRelease(pipeline.app)
         self._settings = pipeline.settings
         self._stage = f"sender.{platform}"
+        self._stream: Any = None
         self._in_flight: asyncio.Semaphore | None = None
-        self._released: asyncio.Event | None = None
+        self._in_hand: dict[Any, deque[_Taken]] = {}
+        self._unacked = 0
+        self._room = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+        self._crash: asyncio.Future[None] | None = None  # referenced while it runs
+        self._probe_answer: asyncio.Future[None] | None = None
+        self._put_back = 0
+        self._abandoned = 0
 
     async def run(self, stream: Any) -> None:
-        """The agent body: start the client, send batch after batch, close it."""
+        """The agent body: start the client, take sends while there is room."""
         settings = self._settings
+        self._stream = stream
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
-        self._released = self.release.new_event()
         try:
             await self.client.start()
             async with self.release.watching():
@@ -331,119 +363,169 @@ class PlatformSender:
                     settings.send_batch_size, within=settings.send_batch_within_s
                 )
                 async for events in batches:
-                    await self.handle(stream, events)
+                    for event in events:
+                        self._start(event)
+                    if not await self._wait_for_room():
+                        break
         except Exception as exc:
             # An agent that dies keeps its unacknowledged sends; stopping the
             # worker hands them to the next one instead of stalling the topic.
             await self.pipeline.app.crash(exc)
         finally:
+            await self._cancel_all()
             await self.client.aclose()
 
-    async def handle(self, stream: Any, events: Sequence[Any]) -> None:
-        """Send one batch and publish every outcome; then acknowledge it."""
-        published: list[Awaitable[Any]] = []
-        pending = []
-        for event in events:
-            try:
-                pending.append(
-                    _Item(event, decode_send(event.message.value, self.platform))
-                )
-            except (ValidationError, ValueError) as exc:
-                error = f"invalid send: {describe_error(exc)}"
-                published.append(
-                    await self.pipeline.dead_letter_event(
-                        event, stage=self._stage, error=error
-                    )
-                )
+    def _start(self, event: Any) -> None:
+        """Keep the message in hand, in its partition's order; handle it apart."""
+        taken = _Taken(event)
+        self._in_hand.setdefault(event.message.tp, deque()).append(taken)
+        self._unacked += 1
+        task = asyncio.create_task(self._handle(taken))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
 
-        while pending:
-            pending = await self._expire(pending, published)
-            if pending and self.release.active:
-                await self._requeue(pending, published)
-                break
-            if pending:
-                pending = await self._attempt_all(pending, published)
-            if pending and not self.release.active:
-                await retry.wait_event(
-                    self._release_event(), self.breaker.seconds_until_probe()
-                )
+    async def _wait_for_room(self) -> bool:
+        """Wait until another batch fits; False once a send's task has failed.
 
-        await asyncio.gather(*published)
-        for event in events:
-            await stream.ack(event)
+        The next batch is taken only while at most ``max_in_flight`` messages
+        are unacknowledged, so never more than ``max_in_flight +
+        send_batch_size`` are in hand: a slow provider, or one slow request
+        at the head of a partition, slows the reading instead of growing
+        memory.
+        """
+        while self._unacked > self._settings.max_in_flight and self._failure is None:
+            self._room.clear()
+            await self._room.wait()
+        return self._failure is None
 
-    def _release_event(self) -> asyncio.Event:
-        if self._released is None:
-            raise RuntimeError("the sender agent is not running")
-        return self._released
-
-    async def _expire(
-        self, items: list[_Item], published: list[Awaitable[Any]]
-    ) -> list[_Item]:
-        """Publish ``expired`` for the sends past their expiry; return the rest."""
-        now = pipeline_app.now_ms()
-        live = []
-        for item in items:
-            if is_expired(item.send, now):
-                published.extend(await self._publish(item, expired(item.send, now)))
-            else:
-                live.append(item)
-        return live
-
-    async def _attempt_all(
-        self, items: list[_Item], published: list[Awaitable[Any]]
-    ) -> list[_Item]:
-        """Make the requests concurrently; return the sends held back."""
-        tasks = [asyncio.ensure_future(self._attempt(item)) for item in items]
-        await self._wait_or_abandon(tasks)
-
-        held = []
-        for item, task in zip(items, tasks, strict=True):
-            answer = None if task.cancelled() else task.result()
-            if answer is None:
-                held.append(item)
-                continue
-            settled = settle(
-                item.send,
-                answer.result,
-                settings=self._settings,
-                sent_at_ms=answer.sent_at_ms,
-                now_ms=answer.done_at_ms,
-                jitter=retry.jitter(),
-            )
-            published.extend(await self._publish(item, settled))
-        return held
-
-    async def _wait_or_abandon(
-        self, tasks: Sequence[asyncio.Future[_Answer | None]]
-    ) -> None:
-        """Wait for the attempts; on a handover give them a grace time, then cancel."""
-        everything = asyncio.gather(*tasks, return_exceptions=True)
-        event = self._release_event()
-        while not everything.done() and not self.release.active:
-            released = asyncio.ensure_future(event.wait())
-            try:
-                await asyncio.wait(
-                    (everything, released), return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                released.cancel()
-            event.clear()
-        if everything.done():
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """Crash the worker on a send's failure, as an error in the agent would."""
+        self._tasks.discard(task)
+        if task.cancelled() or self._failure is not None:
             return
+        failure = task.exception()
+        if failure is None:
+            return
+        self._failure = failure
+        self._room.set()
+        # The agent may be waiting for messages, not for this task: crash from
+        # here, so that the worker stops and hands the partitions over.
+        self._crash = asyncio.ensure_future(self.pipeline.app.crash(failure))
 
-        grace = self._settings.shutdown_timeout_s / 2
-        _, late = await asyncio.wait(tasks, timeout=grace)
-        for task in late:
+    async def _cancel_all(self) -> None:
+        """Stop the sends still in hand: they stay unacknowledged, so are read again."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        if late:
-            log.warning(
-                "%s: abandoning %d requests still in flight after %.1fs",
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, taken: _Taken) -> None:
+        """Settle one message, wait until Kafka has its outcome, acknowledge in turn."""
+        event = taken.event
+        try:
+            item = _Item(event, decode_send(event.message.value, self.platform))
+        except (ValidationError, ValueError) as exc:
+            error = f"invalid send: {describe_error(exc)}"
+            await self.pipeline.dead_letter_event(event, stage=self._stage, error=error)
+        else:
+            await asyncio.gather(*await self._settle(item))
+        taken.done = True
+        await self._ack_ready(event.message.tp)
+
+    async def _ack_ready(self, tp: Any) -> None:
+        """Acknowledge the settled messages at the head of a partition, in order.
+
+        faust-streaming 0.15 does not commit only consecutive acknowledged
+        offsets: ``Consumer._new_offset`` (faust/transport/consumer.py)
+        returns the end of the first run of consecutive acknowledged offsets,
+        but its check for a gap before that run is
+        ``min(acked) - committed_offset > 1`` and is skipped while the
+        committed offset is None or 0. One unacknowledged offset right at the
+        committed position (or at the start of a partition never committed)
+        is thus committed past. So a message is acknowledged only once every
+        earlier message of its partition is: none overtakes an unsettled one.
+        ``Stream.ack`` does not suspend, so this loop acknowledges each
+        message once and in order even when tasks finish together.
+        """
+        queue = self._in_hand.get(tp)
+        while queue and queue[0].done:
+            taken = queue.popleft()
+            await self._stream.ack(taken.event)
+            self._unacked -= 1
+        if queue is not None and not queue:
+            del self._in_hand[tp]
+        self._room.set()
+        if self._unacked == 0 and self._put_back:
+            log.info(
+                "%s: put back %d sends for after the handover "
+                "(%d abandoned in flight after %.1fs)",
                 self.platform,
-                len(late),
-                grace,
+                self._put_back,
+                self._abandoned,
+                self._settings.shutdown_timeout_s / 2,
             )
-            await asyncio.wait(late)
+            self._put_back = self._abandoned = 0
+
+    async def _settle(self, item: _Item) -> list[Awaitable[Any]]:
+        """Make the send's request until it has an answer; publish what it means.
+
+        Returns the publish futures: the send is done once Kafka has them.
+        """
+        while True:
+            now = pipeline_app.now_ms()
+            if is_expired(item.send, now):
+                return await self._publish(item, expired(item.send, now))
+            if self.release.active:
+                return await self._requeue(item)
+            answer = await self._attempt_or_abandon(item)
+            if answer is not None:
+                settled = settle(
+                    item.send,
+                    answer.result,
+                    settings=self._settings,
+                    sent_at_ms=answer.sent_at_ms,
+                    now_ms=answer.done_at_ms,
+                    jitter=retry.jitter(),
+                )
+                return await self._publish(item, settled)
+            if not self.release.active:
+                await self._hold()
+
+    async def _hold(self) -> None:
+        """Wait for the breaker: its next probe, its probe's answer, or a handover."""
+        await asyncio.wait(
+            (self.release.started(), self._probe_answered()),
+            timeout=self.breaker.seconds_until_probe(),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+
+    def _probe_answered(self) -> asyncio.Future[None]:
+        """A future done when the current probe has its answer (or is given up)."""
+        if self._probe_answer is None or self._probe_answer.done():
+            self._probe_answer = asyncio.get_running_loop().create_future()
+        return self._probe_answer
+
+    def _end_probe(self) -> None:
+        """Wake the held sends: the breaker has closed, or stays open longer."""
+        if self._probe_answer is not None and not self._probe_answer.done():
+            self._probe_answer.set_result(None)
+
+    async def _attempt_or_abandon(self, item: _Item) -> _Answer | None:
+        """The request; on a handover give it a grace time, then abandon it (None)."""
+        attempt = asyncio.ensure_future(self._attempt(item))
+        while not attempt.done() and not self.release.active:
+            await asyncio.wait(
+                (attempt, self.release.started()), return_when=asyncio.FIRST_COMPLETED
+            )
+        if not attempt.done():
+            await asyncio.wait(
+                (attempt,), timeout=self._settings.shutdown_timeout_s / 2
+            )
+        if not attempt.done():
+            attempt.cancel()
+            self._abandoned += 1
+            await asyncio.wait((attempt,))
+        return None if attempt.cancelled() else attempt.result()
 
     async def _attempt(self, item: _Item) -> _Answer | None:
         """One request, unless a handover or the breaker holds it (None).
@@ -465,6 +547,7 @@ class PlatformSender:
             except asyncio.CancelledError:
                 if probe:
                     self.breaker.cancel_probe()
+                    self._end_probe()
                 raise
             except Exception as exc:
                 log.exception(
@@ -475,10 +558,13 @@ class PlatformSender:
                 )
                 if probe:
                     self.breaker.cancel_probe()
+                    self._end_probe()
                 result = SendResult("retry", CLIENT_ERROR)
                 return _Answer(result, sent_at, pipeline_app.now_ms())
 
         self.breaker.record(result)
+        if probe:
+            self._end_probe()
         answer = _Answer(result, sent_at, pipeline_app.now_ms())
         if probe or not is_outage(result) or self.breaker.state == "closed":
             return answer
@@ -532,18 +618,11 @@ class PlatformSender:
         )
         return futures
 
-    async def _requeue(
-        self, items: list[_Item], published: list[Awaitable[Any]]
-    ) -> None:
-        """Put sends not made back at the end of their topic, unchanged."""
+    async def _requeue(self, item: _Item) -> list[Awaitable[Any]]:
+        """Put a send not made back at the end of its topic, unchanged."""
         topic = pipeline_app.SENDS[self.platform]
-        for item in items:
-            published.append(
-                await self.pipeline.publish(topic, item.send.send_id, item.send)
-            )
-        log.info(
-            "%s: put back %d sends for after the handover", self.platform, len(items)
-        )
+        self._put_back += 1
+        return [await self.pipeline.publish(topic, item.send.send_id, item.send)]
 
 
 class Senders:
