@@ -1,11 +1,11 @@
 """The TLS server under the provider stand-ins: HTTP/2 (h2) and HTTP/1.1 (h11).
 
 ALPN picks the protocol per connection. Each request is read completely and
-passed to one async handler, ``handler(request) -> Response``. On HTTP/2 a
-handler runs as soon as its request is complete, up to its first wait, and a
-task finishes it if it waits, so a slow one holds up only its own stream; the
-answers of one read go out in one write. Handlers shape
-the connection the way a provider does through ``request.conn``: lower or raise
+passed to one async handler, ``handler(request) -> Response``. A handler runs
+as soon as its request is complete, up to its first wait, and a task finishes
+it if it waits, so a slow one holds up only its own stream; on HTTP/2 the
+answers of one read go out in one write. Handlers shape the connection the
+way a provider does through ``request.conn``: lower or raise
 SETTINGS_MAX_CONCURRENT_STREAMS, send a GOAWAY, or drop the connection.
 
 HTTP/1.1 follows WNS: keep-alive, one request at a time, no chunked request
