@@ -10,7 +10,7 @@ own work cost nothing.
 
 :func:`run_faust` measures the same two hops as a Faust worker built like
 pushstream's (:class:`~pushstream.app.Pipeline`: its settings, raw topics,
-agents with concurrency 1 iterating ``stream.events()``, ``topic.send``)
+agents with concurrency 1 iterating ``stream.events()``, ``Pipeline.send``)
 whose agents do nothing else: the cost of the stream framework itself. It
 runs ``python bench/passthrough.py faust-worker`` as the worker process.
 
@@ -201,19 +201,18 @@ def faust_pipeline(settings: Settings, send_size: int, delivery_size: int) -> Pi
     """notifications -> sends.apns -> deliveries, agents that only forward."""
     pipeline = Pipeline(settings)
     send_value, delivery_value = b"s" * send_size, b"d" * delivery_size
-    sends, deliveries = pipeline.topics[SENDS["apns"]], pipeline.topics[DELIVERIES]
 
     async def route(stream: object) -> None:
         async for event in stream.events():  # type: ignore[attr-defined]
-            await sends.send(key=event.message.key, value=send_value)
+            await pipeline.send(SENDS["apns"], event.message.key, send_value)
 
     async def send(stream: object) -> None:
         async for event in stream.events():  # type: ignore[attr-defined]
-            await deliveries.send(key=event.message.key, value=delivery_value)
+            await pipeline.send(DELIVERIES, event.message.key, delivery_value)
 
     app = pipeline.app
     app.agent(pipeline.topics[NOTIFICATIONS], name="noop.route", concurrency=1)(route)
-    app.agent(sends, name="noop.send", concurrency=1)(send)
+    app.agent(pipeline.topics[SENDS["apns"]], name="noop.send", concurrency=1)(send)
     return pipeline
 
 
