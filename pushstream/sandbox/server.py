@@ -961,8 +961,8 @@ class _RequestDecoder(hpack.Decoder):
     same headers.
     """
 
-    MAX_BLOCKS = 256
-    MAX_STRINGS = 1024
+    MAX_BLOCKS = 32
+    MAX_STRINGS = 256
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
@@ -985,8 +985,9 @@ class _RequestDecoder(hpack.Decoder):
             if known is not None:
                 return cast(list[hpack.HeaderTuple], list(known))
         headers = self._decode_block(data, table)
-        unchanged = (table.additions, table.maxsize) == state[:2]
-        if unchanged and len(self._blocks) < self.MAX_BLOCKS:
+        if (table.additions, table.maxsize) == state[:2]:
+            if len(self._blocks) >= self.MAX_BLOCKS:
+                self._blocks.clear()
             self._blocks[bytes(data)] = headers
             headers = list(headers)
         return cast(list[hpack.HeaderTuple], headers)
