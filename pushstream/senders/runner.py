@@ -380,7 +380,7 @@ class PlatformSender:
         taken = _Taken(event)
         self._in_hand.setdefault(event.message.tp, deque()).append(taken)
         self._unacked += 1
-        task = asyncio.create_task(self._handle(taken))
+        task = asyncio.create_task(self.handle(taken))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -419,7 +419,7 @@ class PlatformSender:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _handle(self, taken: _Taken) -> None:
+    async def handle(self, taken: _Taken) -> None:
         """Settle one message, wait until Kafka has its outcome, acknowledge in turn."""
         event = taken.event
         try:
