@@ -131,14 +131,14 @@ def header_problem(name: str, value: str) -> str | None:
     """
     if name.startswith(":"):
         return "a pseudo-header is set by the sender"
-    if len(name) > HEADER_NAME_MAX or not _HEADER_NAME_RE.match(name):
+    if len(name) > HEADER_NAME_MAX or not _HEADER_NAME_RE.fullmatch(name):
         return (
             f"a header name is 1 to {HEADER_NAME_MAX} ASCII letters, digits "
             "or !#$%&'*+-.^_`|~"
         )
     if name.lower() in CONNECTION_HEADERS:
         return "a connection-specific header is not allowed in HTTP/2"
-    if len(value) > HEADER_VALUE_MAX or not _HEADER_VALUE_RE.match(value):
+    if len(value) > HEADER_VALUE_MAX or not _HEADER_VALUE_RE.fullmatch(value):
         return (
             f"a header value is at most {HEADER_VALUE_MAX} visible ASCII "
             "characters (no control characters, no leading or trailing space)"
