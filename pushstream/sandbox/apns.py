@@ -150,6 +150,7 @@ TOPIC_SUFFIXES = {
     "pushtotalk": ".voip-ptt",
 }
 
+_ANY_TOPIC_SUFFIX = tuple(TOPIC_SUFFIXES.values())
 _PATH = re.compile(r"^/3/device/([^/?]*)$")
 _HEX_TOKEN = re.compile(r"^(?:[0-9a-fA-F]{2}){8,100}$")
 _UUID = re.compile(
@@ -390,8 +391,7 @@ class ApnsSandbox:
         token = match.group(1)
         if not token:
             raise Refused(400, "MissingDeviceToken")
-        names = [name for name, _ in req.raw_headers]
-        if len(names) != len(set(names)):
+        if len(req.headers) != len(req.raw_headers):  # a name given twice
             raise Refused(400, "DuplicateHeaders")
 
         auth = self._authenticate(req, environment)
@@ -511,7 +511,7 @@ class ApnsSandbox:
         if push_type == "background" and priority == "10":
             raise Refused(400, "BadPriority")
         suffix = TOPIC_SUFFIXES.get(push_type, "")
-        has_suffix = any(topic.endswith(s) for s in TOPIC_SUFFIXES.values())
+        has_suffix = topic.endswith(_ANY_TOPIC_SUFFIX)
         if (suffix and not topic.endswith(suffix)) or (not suffix and has_suffix):
             raise Refused(400, "InvalidPushType")
         if len(h.get("apns-collapse-id", "").encode("latin-1")) > 64:
@@ -602,6 +602,8 @@ def _is_payload(body: bytes) -> bool:
 
 
 def _base_topic(topic: str) -> str:
+    if not topic.endswith(_ANY_TOPIC_SUFFIX):
+        return topic
     for suffix in TOPIC_SUFFIXES.values():
         if topic.endswith(suffix):
             return topic[: -len(suffix)]
