@@ -122,6 +122,28 @@ class LeanMonitor(Monitor):
         pass
 
 
+class PipelineTable(faust.Table):  # type: ignore[type-arg]
+    """A Faust table that waits for its changelog's metadata before checking it.
+
+    Before its first write from a source topic, Faust checks that the source
+    and the changelog topic have the same partition count, as the consumer's
+    metadata knows them (``Collection._verify_source_topic_partitions``).
+    On a worker's first start the changelog topic is new, and until the next
+    metadata refresh the consumer lists it with no partitions at all
+    (aiokafka leaves out a topic whose leaders are not elected yet): Faust
+    then refuses the write with ``PartitionsMismatch``, and the event that
+    made it would be dead-lettered. A count of zero means "not known yet",
+    so the check is left for a later write; a real mismatch is still
+    refused. The write itself waits in the producer for the topic's
+    metadata.
+    """
+
+    def _verify_source_topic_partitions(self, source_topic: str) -> None:
+        if self.app.consumer.topic_partitions(self.changelog_topic_name) == 0:
+            return
+        super()._verify_source_topic_partitions(source_topic)
+
+
 class DeadLetterError(Exception):
     """A dead letter could not be written; the worker stops so as not to lose it."""
 
@@ -139,6 +161,7 @@ class Pipeline:
             datadir=str(settings.data_dir),
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
+            Table=PipelineTable,
             web_enabled=True,
             web_host=settings.web_host,
             web_port=settings.web_port,
