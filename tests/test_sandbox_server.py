@@ -19,14 +19,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pushstream.sandbox.certs import SandboxCerts, ensure_certs
+from pushstream.sandbox.h2wire import RequestDecoder, ResponseEncoder, field_problem
 from pushstream.sandbox.server import (
     MAX_HEADER_LIST_SIZE,
     Request,
     Response,
     SandboxServer,
-    _RequestDecoder,
-    _ResponseEncoder,
-    field_problem,
 )
 from pushstream.senders.http2 import ConnectError, H2Connection, H2Options
 
@@ -296,7 +294,7 @@ def test_request_decoder_matches_hpack() -> None:
 
     for _ in range(100):
         encoder, reference = hpack.Encoder(), hpack.Decoder()
-        decoder = _RequestDecoder(MAX_HEADER_LIST_SIZE)
+        decoder = RequestDecoder(MAX_HEADER_LIST_SIZE)
         for _ in range(20):
             if rng.random() < 0.05:
                 encoder.header_table_size = rng.choice([0, 100, 4096])
@@ -318,7 +316,7 @@ def test_truncated_header_block_is_an_error() -> None:
     block = hpack.Encoder().encode([(b"x-a", b"y" * 50)], huffman=True)
     for cut in range(1, len(block)):
         with pytest.raises((hpack.HPACKError, IndexError)):
-            _RequestDecoder(MAX_HEADER_LIST_SIZE).decode(block[:cut], raw=True)
+            RequestDecoder(MAX_HEADER_LIST_SIZE).decode(block[:cut], raw=True)
 
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/3/device/ff")]
@@ -397,7 +395,7 @@ async def test_malformed_request_ends_the_connection(certs: SandboxCerts) -> Non
 
 def test_response_encoder_is_read_by_hpack() -> None:
     """A client that misreads answers sees wrong statuses or apns-ids."""
-    encoder, decoder = _ResponseEncoder(), hpack.Decoder()
+    encoder, decoder = ResponseEncoder(), hpack.Decoder()
     for size in (4096, 100, 0):
         encoder.header_table_size = size  # as h2 does on the client's SETTINGS
         decoder.max_allowed_table_size = size
