@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import hpack
@@ -324,6 +325,35 @@ async def test_request_timeout_while_waiting_for_a_slot(
     assert [seen.path for seen in handler.seen] == ["/hold", "/later"]
     assert conn.in_flight == 0
     assert conn.free_slots == 1
+    await conn.aclose()
+
+
+async def test_deadline_firing_as_the_slot_is_granted(
+    serve: Serve, client_context: ssl.SSLContext
+) -> None:
+    """A slot granted in the loop pass where the waiter's deadline fires
+    left the request without a timer: unanswered, it held the connection's
+    only slot for good."""
+    handler = Recorder()
+    server = await serve(handler, initial_max_streams=1)
+    conn = await connect(server, client_context)
+    held = asyncio.create_task(conn.request("POST", "/never", timeout=GUARD))
+    await handler.wait_for(1)
+    queued = asyncio.create_task(conn.request("POST", "/never", timeout=0.05))
+    await until(lambda: conn.waiting == 1)
+    # Cancelling the held request frees its slot when its task next runs,
+    # which is before the timers due in that pass: blocking the loop past
+    # the queued request's deadline puts the grant and the expiry together.
+    held.cancel()
+    time.sleep(0.1)  # noqa: ASYNC251
+    with pytest.raises(RequestTimeout):
+        async with asyncio.timeout(GUARD):
+            await queued
+    assert held.cancelled()
+    assert conn.in_flight == 0
+    assert conn.free_slots == 1
+    response = await conn.request("POST", "/ok", {}, b"still here", timeout=GUARD)
+    assert response.body == b"still here"
     await conn.aclose()
 
 

@@ -277,13 +277,22 @@ DEADLINE_TICK = 0.01
 
 class _Deadline:
     """When a request times out, the future it waits for (a stream slot or
-    the response) fails with RequestTimeout."""
+    the response) fails with RequestTimeout.
 
-    __slots__ = ("awaited", "timeout")
+    ``expired`` is set whatever the request waits for: a slot granted just
+    before the batch fired leaves nothing to fail, and the batch's timer is
+    gone, so the request must see it before it opens a stream.
+    """
+
+    __slots__ = ("awaited", "expired", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.awaited: asyncio.Future[Any] | None = None
+        self.expired = False
+
+    def error(self, peer: str) -> RequestTimeout:
+        return RequestTimeout(f"no response from {peer} within {self.timeout:g}s")
 
 
 class H2Connection(asyncio.Protocol):
@@ -518,10 +527,10 @@ class H2Connection(asyncio.Protocol):
         request then resets its stream (RST_STREAM CANCEL) or gives up its
         place in the queue."""
         for deadline in self._deadlines.pop(due, ()):
+            deadline.expired = True
             awaited = deadline.awaited
             if awaited is not None and not awaited.done():
-                message = f"no response from {self._peer} within {deadline.timeout:g}s"
-                awaited.set_exception(RequestTimeout(message))
+                awaited.set_exception(deadline.error(self._peer))
 
     def _open_stream(
         self, block: list[tuple[str, str] | NeverIndexedHeaderTuple], body: bytes
@@ -580,7 +589,11 @@ class H2Connection(asyncio.Protocol):
                 del self._sending[stream.id]
 
     async def _wait_for_slot(self, deadline: _Deadline) -> None:
-        """Wait in FIFO order until a stream slot is granted to this request."""
+        """Wait in FIFO order until a stream slot is granted to this request.
+
+        Raises RequestTimeout, with the slot given back, when the deadline
+        fired between the grant and this task running again.
+        """
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._slot_waiters.append(waiter)
         while True:
@@ -593,6 +606,9 @@ class H2Connection(asyncio.Protocol):
                 with contextlib.suppress(ValueError):
                     self._slot_waiters.remove(waiter)
                 raise
+            if deadline.expired:
+                self._release_slot()
+                raise deadline.error(self._peer)
             if self._active <= self._limit:
                 return
             # The limit shrank between the grant and now: queue again, first.
