@@ -34,6 +34,11 @@ BAD = [
     ("https://db3.notify.windows.com:99999/", "valid https URL"),
     ("https:///?token=x", "names a host"),
     ("https://db3.notify.windows.com./", "plain letters"),
+    ("https://a..notify.windows.com/?token=x", "labels of 1 to 63"),
+    ("https://.notify.windows.com/?token=x", "labels of 1 to 63"),
+    ("https://" + "a" * 64 + ".notify.windows.com/?token=x", "labels of 1 to 63"),
+    ("https://" + "a" * 60 + "." * 4 + "notify.windows.com/", "labels of 1 to 63"),
+    ("https://" + ("a" * 60 + ".") * 4 + "notify.windows.com/", "at most 253"),
     ("https://db3.notify.windows.com/" + "a" * 2048, "at most 2048"),
 ]
 
@@ -58,6 +63,15 @@ def test_operator_listed_host_and_port_is_trusted() -> None:
     assert channel_problem("https://[::1]:8443/ch", ["[::1]:8443"]) is None
     assert channel_problem("https://wns.test:9/ch", ["wns.test"]) is None
     assert channel_problem("https://wns.test/ch", ["wns.test:443"]) is None
+
+
+def test_listed_host_dns_cannot_carry_is_refused() -> None:
+    """Every send to it would fail to connect, and the channel would never be
+    dropped, so it is refused at registration like any untrusted one."""
+    assert channel_problem("https://wns..test/ch", ["wns..test"])
+    long_label = "a" * 64 + ".test"
+    assert channel_problem(f"https://{long_label}/ch", [long_label])
+    assert channel_problem("https://wns.test./ch", ["wns.test."]) is None
 
 
 def test_listed_host_on_another_port_is_refused() -> None:

@@ -254,6 +254,8 @@ def test_wns_channel_on_a_microsoft_host_is_registered() -> None:
         "https://db3.notify.windows.com.evil.example/?token=x",
         "https://user@db3.notify.windows.com/?token=x",
         "https://db3.notify.windows.com:8443/?token=x",
+        "https://a..notify.windows.com/?token=x",
+        "https://" + "a" * 64 + ".notify.windows.com/?token=x",
     ],
 )
 def test_wns_channel_elsewhere_is_refused(channel: str) -> None:

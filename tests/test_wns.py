@@ -395,6 +395,19 @@ async def test_untrusted_channel_gets_no_request(
     assert rig.sandbox.token_requests == {}
 
 
+@pytest.mark.parametrize(
+    "host", ["a..notify.windows.com", "a" * 64 + ".notify.windows.com"]
+)
+async def test_channel_host_dns_cannot_carry_is_untrusted(rig: Rig, host: str) -> None:
+    """No connection to it can open: every send would be retried five times
+    and end retries_exhausted, and the channel would never be dropped."""
+    async with wns.WnsClient.from_settings(rig.settings) as client:
+        result = await client.send(make_send(f"https://{host}/?token=AwYAAAB"))
+
+    assert (result.outcome, result.reason) == ("failed", "untrusted_channel")
+    assert rig.sandbox.token_requests == {}
+
+
 # --- no answer ---------------------------------------------------------------------
 
 

@@ -420,6 +420,8 @@ def test_bad_app_settings_name_the_setting(
         ("http://db3.notify.windows.com/?token=x", False),
         ("https://db3.notify.windows.com.evil.example/?token=x", False),
         ("https://evil.example\\@db3.notify.windows.com/", False),
+        ("https://a..notify.windows.com/?token=x", False),
+        ("https://" + "a" * 64 + ".notify.windows.com/?token=x", False),
     ],
 )
 def test_channel_url_follows_the_allow_list(uri: str, trusted: bool) -> None:

@@ -16,7 +16,10 @@ on any port.
 The checks are stricter than a URL parser needs, because the parser that
 checks and the HTTP client that sends must agree on the host: user info,
 backslashes, percent signs and whitespace in the authority are refused, as
-they are where parsers disagree.
+they are where parsers disagree. A host name DNS cannot carry (an empty
+label, a label over 63 characters, a name over 253) is refused too, listed
+or not: no connection to it can ever open, so the registry dead-letters it
+rather than every send failing on it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from urllib.parse import urlsplit
 
 WNS_DOMAIN = "notify.windows.com"
 CHANNEL_MAX_LENGTH = 2048
+HOST_MAX_LENGTH = 253
+LABEL_MAX_LENGTH = 63
 
 _HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 _UNSAFE_RE = re.compile(r"[\x00-\x20\x7f\\]")
@@ -53,6 +58,11 @@ def channel_problem(uri: str, allowed_hosts: Iterable[str] = ()) -> str | None:
     host = (parts.hostname or "").lower()
     if not host:
         return "a WNS channel URI names a host"
+    if not _is_dns_name(host):
+        return (
+            f"a WNS channel URI host has labels of 1 to {LABEL_MAX_LENGTH} "
+            f"characters and at most {HOST_MAX_LENGTH} in all"
+        )
     if _allowed(host, port, allowed_hosts):
         return None
     if not _HOST_RE.match(host):
@@ -62,6 +72,20 @@ def channel_problem(uri: str, allowed_hosts: Iterable[str] = ()) -> str | None:
     if port not in (None, 443):
         return f"WNS channels are on port 443, not {port}"
     return None
+
+
+def _is_dns_name(host: str) -> bool:
+    """Whether DNS can carry this name; an IPv6 literal is not a name and passes.
+
+    One trailing dot (the root) is how DNS writes a full name, so it is not
+    an empty label here.
+    """
+    if ":" in host:
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return len(name) <= HOST_MAX_LENGTH and all(
+        0 < len(label) <= LABEL_MAX_LENGTH for label in name.split(".")
+    )
 
 
 def _allowed(host: str, port: int | None, allowed_hosts: Iterable[str]) -> bool:
