@@ -10,8 +10,11 @@ gate, ``hang`` never answers (it waits for the client to hang up).
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import h11
@@ -112,6 +115,75 @@ class Server:
             await self.changed.wait_for(lambda: len(self.requests) >= count)
 
 
+class HangingUp:
+    """A blocking server in a thread: it answers each request with a plain
+    keep-alive 200, then closes the connection at once.
+
+    The test blocks on ``closed`` while the close travels, so the event loop
+    has not read it when the next request takes the connection.
+    """
+
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # to see ``stopping`` in time
+        self.stopping = threading.Event()
+        self.port: int = self.listener.getsockname()[1]
+        self.connections = 0
+        self.closed = threading.Semaphore(0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(GUARD)
+            self.connections += 1
+            try:
+                with self._wrap(raw) as conn:
+                    self._answer(conn)
+            except OSError:
+                pass
+            self.closed.release()
+
+    def _wrap(self, raw: socket.socket) -> socket.socket:
+        if self.context is None:
+            return raw
+        return self.context.wrap_socket(raw, server_side=True)
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        number = str(self.connections).encode()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-connection: "
+            + number
+            + b"\r\n\r\nok"
+        )
+
+    def wait_closed(self) -> None:
+        """Block, without running the event loop, until a connection closed."""
+        assert self.closed.acquire(timeout=GUARD)
+        time.sleep(0.05)  # the FIN reaches the client's socket
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(GUARD)
+        self.listener.close()
+
+
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
     while True:
         event = conn.next_event()
@@ -162,6 +234,15 @@ async def post(
     )
 
 
+@pytest.fixture
+def hanging_up() -> Iterator[HangingUp]:
+    running = HangingUp(None)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> SandboxCerts:
     return ensure_certs(tmp_path_factory.mktemp("certs"))
@@ -205,6 +286,22 @@ async def test_server_closing_an_idle_connection_is_survived(
     assert answer.status == 200
     assert answer.headers["x-connection"] == "2"
     assert len(server.requests) == 2
+
+
+async def test_close_not_yet_read_by_the_loop_is_survived(
+    hanging_up: HangingUp, pool: Http1Pool
+) -> None:
+    """A server that hangs up right after a keep-alive answer would fail the
+    next send with ConnectionLost (a retry counted as an outage)."""
+    url = ("127.0.0.1", hanging_up.port, "POST", "/?token=t")
+    first = await pool.request(*url, body=b"hello")
+    hanging_up.wait_closed()
+
+    second = await pool.request(*url, body=b"hello")
+
+    assert (first.status, second.status) == (200, 200)
+    assert second.headers["x-connection"] == "2"
+    assert hanging_up.connections == 2
 
 
 async def test_connection_lost_before_the_answer_is_not_resent(
@@ -289,6 +386,19 @@ async def test_timeout_drops_the_connection(server: Server, pool: Http1Pool) -> 
     assert pool.connections("127.0.0.1", server.port) == 1
 
 
+@pytest.mark.parametrize(
+    "host", ["a..notify.windows.com", "a" * 64 + ".notify.windows.com"]
+)
+async def test_host_dns_cannot_carry_is_a_connect_error(
+    pool: Http1Pool, host: str
+) -> None:
+    """Name encoding fails with UnicodeError, not OSError: it would escape the
+    pool as an unexpected error instead of a failed connection."""
+    with pytest.raises(ConnectError):
+        await pool.request(host, 443, "POST", "/", body=b"x")
+    assert pool.connections(host, 443) == 0
+
+
 async def test_refused_connection_is_a_connect_error(pool: Http1Pool) -> None:
     """A host that is down would look like a lost answer (maybe delivered)."""
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
@@ -359,3 +469,23 @@ async def test_tls_with_the_configured_ca(certs: SandboxCerts) -> None:
 
     assert [a.body for a in answers] == [b"hello"] * 3
     assert {a.headers["x-connection"] for a in answers} == {"1"}
+
+
+async def test_tls_close_not_yet_read_by_the_loop_is_survived(
+    certs: SandboxCerts,
+) -> None:
+    """Under TLS the socket of a closed connection is readable too; reusing
+    it would fail the next send with ConnectionLost."""
+    server = HangingUp(certs.server_ssl_context(alpn=("http/1.1",)))
+    pool = Http1Pool(certs.client_ssl_context(alpn=("http/1.1",)), timeout=GUARD)
+    url = ("127.0.0.1", server.port, "POST", "/?token=t")
+    try:
+        first = await pool.request(*url, body=b"hello")
+        server.wait_closed()
+        second = await pool.request(*url, body=b"hello")
+    finally:
+        await pool.aclose()
+        server.stop()
+
+    assert (first.status, second.status) == (200, 200)
+    assert second.headers["x-connection"] == "2"

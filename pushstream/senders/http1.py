@@ -11,7 +11,12 @@ parsing its answer and a few list operations.
 idle connection, or opens a new one while under the limit, or else waits;
 waiters are served first come, first served, by handing them the connection
 another request just released. An idle connection is closed after
-``idle_timeout`` seconds, and dropped as soon as the server closes it.
+``idle_timeout`` seconds, and dropped as soon as the server closes it. A
+server's close can be in the socket before the event loop has read it (a
+server that answers without ``Connection: close`` and hangs up at once), so
+before a connection is reused its socket is polled: an idle connection has
+nothing to read, and one that has (the end of the connection, a TLS
+close_notify, bytes nobody asked for) is dropped, as httpcore does.
 
 Errors
 ------
@@ -31,7 +36,8 @@ raises, always a subclass of :class:`TransportError`:
   connection was dropped.
 
 A request is never sent again by the pool: the only connections it skips
-are those it already knows to be closed, before a byte was written to them.
+are those it already knows to be closed or finds readable, before a byte
+was written to them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import select
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,6 +168,27 @@ class _Connection(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
         self._origin.connection_lost(self)
+
+    def usable(self) -> bool:
+        """Whether the next request may be written to this idle connection.
+
+        The socket of an idle connection has nothing to read; if it has,
+        that is the server's end of the connection (or, under TLS, a
+        close_notify or stray bytes) not yet read by the event loop, and
+        the request would be lost with it. A zero-timeout poll, so it never
+        waits.
+        """
+        if not self.reusable or self._transport is None:
+            return False
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return not poller.poll(0)
 
     # -- requests ------------------------------------------------------------
 
@@ -310,7 +338,7 @@ class _Origin:
             conn = idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
-            if conn.reusable:
+            if conn.usable():
                 return conn
             self._discard(conn)  # closed while idle: nothing was written to it
             self.count -= 1
@@ -328,7 +356,7 @@ class _Origin:
             else:  # served, then cancelled before it could run: pass it on
                 self.release(waiter.result())
             raise
-        if handed is not None and handed.reusable:
+        if handed is not None and handed.usable():
             return handed
         if handed is not None:
             self._discard(handed)
@@ -402,7 +430,10 @@ class _Origin:
             self._free_slot()
             message = f"no connection to {self.name} within {limit:g}s"
             raise ConnectTimeout(message) from exc
-        except OSError as exc:  # ssl.SSLError and socket.gaierror included
+        except (OSError, ValueError) as exc:
+            # OSError includes ssl.SSLError and socket.gaierror; a host name
+            # DNS cannot carry (an empty label, one over 63 characters) fails
+            # IDNA encoding with UnicodeError, a ValueError.
             conn.abort()
             self._free_slot()
             raise ConnectError(f"cannot connect to {self.name}: {exc}") from exc
