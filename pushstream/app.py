@@ -22,7 +22,9 @@ import time
 from typing import Any, NoReturn, cast
 
 import faust
+from aiokafka import AIOKafkaProducer
 from faust.sensors import Monitor
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from pydantic import BaseModel
 
 from pushstream import deadletter, metrics
@@ -144,6 +146,48 @@ class PipelineTable(faust.Table):  # type: ignore[type-arg]
         super()._verify_source_topic_partitions(source_topic)
 
 
+class FullMetadataProducer(AIOKafkaProducer):  # type: ignore[misc]
+    """aiokafka's producer, with metadata always fetched for every topic.
+
+    aiokafka's client fetches metadata for all topics until a send finds a
+    topic it knows nothing of (a changelog created a moment ago: the broker
+    lists a new topic some 100 ms after creating it); from then on it asks
+    only for the topics such sends named, and each answer replaces what it
+    knew, so every other topic drops out of its metadata. A batch already
+    queued for one of them has no leader any more, and the sender's metadata
+    refreshes never bring that topic back: the batch waits until the next
+    send to its topic, or until it expires after ``producer_request_timeout``
+    (20 minutes). Faust awaits every batch before committing offsets
+    (``producer.flush()``), and commits from the loop that fetches records,
+    so the whole worker stalls. Here a topic the client has no metadata for
+    triggers a full refresh instead of narrowing the list.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        client = self.client
+
+        def refresh_all(topic: str) -> Any:
+            return client.force_metadata_update()
+
+        client.add_topic = refresh_all
+
+
+class PipelineProducer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer, built on :class:`FullMetadataProducer`."""
+
+    @property
+    def _producer_type(self) -> type[AIOKafkaProducer]:
+        return FullMetadataProducer
+
+
+class PipelineApp(faust.App):
+    """A Faust app whose producer is a :class:`PipelineProducer`."""
+
+    def _new_producer(self) -> PipelineProducer:
+        return PipelineProducer(self.transport, loop=self.loop, beacon=self.beacon)
+
+
 class DeadLetterError(Exception):
     """A dead letter could not be written; the worker stops so as not to lose it."""
 
@@ -153,7 +197,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.app = faust.App(
+        self.app = PipelineApp(
             settings.app_id,
             broker=f"kafka://{settings.kafka_bootstrap}",
             broker_credentials=kafka_credentials(settings),
