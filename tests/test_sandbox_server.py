@@ -6,6 +6,7 @@ import asyncio
 import random
 import ssl
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ import hpack
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
+from pushstream.sandbox import h2wire
 from pushstream.sandbox.certs import SandboxCerts, ensure_certs
 from pushstream.sandbox.h2wire import RequestDecoder, ResponseEncoder, field_problem
 from pushstream.sandbox.server import (
@@ -227,6 +237,74 @@ async def test_initial_stream_limit_is_advertised(certs: SandboxCerts) -> None:
         await conn.aclose()
 
 
+async def read_frames(
+    reader: asyncio.StreamReader, done: Callable[[Frame], bool]
+) -> list[Frame]:
+    """Frames from the server up to one ``done`` is true of, or a GOAWAY."""
+    buffer = b""
+    frames: list[Frame] = []
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), GUARD)
+        if not chunk:
+            return frames
+        buffer += chunk
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9 : 9 + length]))
+            buffer = buffer[9 + length :]
+            frames.append(frame)
+            if isinstance(frame, GoAwayFrame) or done(frame):
+                return frames
+
+
+async def test_streams_past_the_limit_are_refused_not_the_connection(
+    certs: SandboxCerts,
+) -> None:
+    """Excess streams are a stream error (RFC 9113 §5.1.2): 200 opened in one
+    write against a limit of 1 get 199 REFUSED_STREAM, and no GOAWAY ends
+    the one in flight."""
+    async with SandboxServer(
+        "127.0.0.1", 0, certs.server_ssl_context(), echo, initial_max_streams=1
+    ) as server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=certs.client_ssl_context(alpn=("h2",))
+        )
+        request = [*REQUEST, (b":authority", b"h")]
+        block = hpack.Encoder().encode(request)
+        ids = list(range(1, 400, 2))
+        # Stream 1 stays open, waiting for its body, while the rest arrive.
+        opened = [HeadersFrame(i, data=block, flags=["END_HEADERS"]) for i in ids]
+        writer.write(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + SettingsFrame(0).serialize()
+            + b"".join(f.serialize() for f in opened)
+        )
+        frames = await read_frames(reader, lambda f: f.stream_id == ids[-1])
+        writer.write(
+            SettingsFrame(0, flags=["ACK"]).serialize()
+            + DataFrame(1, b"x", flags=["END_STREAM"]).serialize()
+            + HeadersFrame(
+                1001, data=block, flags=["END_HEADERS", "END_STREAM"]
+            ).serialize()
+        )
+        frames += await read_frames(
+            reader, lambda f: f.stream_id == 1001 and "END_STREAM" in f.flags
+        )
+        writer.close()
+    assert not [f for f in frames if isinstance(f, GoAwayFrame)]
+    refused = {
+        f.stream_id
+        for f in frames
+        if isinstance(f, RstStreamFrame)
+        and f.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    }
+    assert refused == set(ids[1:])
+    answered = {f.stream_id for f in frames if isinstance(f, HeadersFrame)}
+    assert answered == {1, 1001}
+
+
 async def test_client_certificate_required(certs: SandboxCerts) -> None:
     """APNs certificate auth: no client cert is required, or the handler sees none."""
     seen: list[bytes | None] = []
@@ -349,6 +427,38 @@ def test_malformed_requests_are_found(
     for _ in range(2):  # the second time, good fields are known
         found = field_problem(REQUEST + extra)
         assert (found is None) if problem is None else (problem in str(found))
+
+
+def test_good_field_cache_is_bounded_in_bytes() -> None:
+    """Unique large headers, even from requests later refused, must not grow
+    the process for good (a client sent thousands of 60 KB values)."""
+    for i in range(h2wire.MAX_GOOD_FIELDS + 100):
+        extra = [(b":authority", b"h"), (b"x-big", b"%d" % i + b"v" * 60_000)]
+        assert field_problem(REQUEST + extra) is None
+    cached = h2wire._GOOD_FIELDS
+    assert len(cached) <= h2wire.MAX_GOOD_FIELDS
+    assert all(len(n) + len(v) <= h2wire.MAX_GOOD_FIELD_BYTES for n, v in cached)
+    short = (b"authorization", b"bearer " + b"j" * 200)
+    field_problem([*REQUEST, (b":authority", b"h"), short])
+    assert short in cached  # a client's repeated token is still only looked up
+
+
+def test_request_decoder_caches_are_bounded_in_bytes() -> None:
+    """Large unique header strings and blocks are decoded, not remembered."""
+    decoder = RequestDecoder(MAX_HEADER_LIST_SIZE)
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 0  # blocks are remembered while the table holds
+    for i in range(300):
+        value = b"%d" % i + b"v" * 30_000
+        block = encoder.encode([(b"x-big", value)], huffman=True)
+        assert list(decoder.decode(block, raw=True)) == [(b"x-big", value)]
+    cached_strings = sum(len(k) + len(v) for k, v in decoder._huffman.items())
+    cached_blocks = sum(
+        len(k) + sum(len(n) + len(v) for n, v in block)
+        for k, block in decoder._blocks.items()
+    )
+    assert cached_strings <= decoder.MAX_STRINGS * 2 * decoder.MAX_STRING_BYTES
+    assert cached_blocks <= decoder.MAX_BLOCKS * decoder.MAX_BLOCK_BYTES
 
 
 def test_missing_pseudo_headers_are_found() -> None:

@@ -95,6 +95,10 @@ Environment = Literal["production", "development"]
 MAX_ACCEPTED = 100_000  # records kept; older ones are dropped first
 MAX_STREAMS = 1000
 TOKEN_MAX_AGE_S = 3600
+# Verified provider tokens remembered, bounded in bytes: a token of Apple's
+# form is about 200 characters; a longer one is verified on each request.
+MAX_REMEMBERED_TOKENS = 4096
+MAX_REMEMBERED_TOKEN_CHARS = 1024
 TOKEN_UPDATE_WINDOW_S = 20 * 60
 PAYLOAD_LIMIT = 4096
 VOIP_PAYLOAD_LIMIT = 5120
@@ -455,9 +459,10 @@ class ApnsSandbox:
             raise Refused(403, "InvalidProviderToken")
         if claims.get("iss") != key.team_id:
             raise Refused(403, "InvalidProviderToken")
-        if len(self._verified) >= 4096:
-            self._verified.clear()
-        self._verified[token] = (key, iat)
+        if len(token) <= MAX_REMEMBERED_TOKEN_CHARS:
+            if len(self._verified) >= MAX_REMEMBERED_TOKENS:
+                self._verified.clear()
+            self._verified[token] = (key, iat)
         return key, iat
 
     def _count_update(self, key: SandboxKey, iat: int, now: float) -> None:
@@ -592,7 +597,9 @@ class ApnsSandbox:
 def _is_payload(body: bytes) -> bool:
     """Whether ``body`` is a JSON object with an ``aps`` dictionary.
 
-    Remembered: a notification sent to many devices repeats its body.
+    Remembered: a notification sent to many devices repeats its body. Only
+    bodies within the payload limits get here, so the cache stays under
+    about 5 MB.
     """
     try:
         payload = json.loads(body)

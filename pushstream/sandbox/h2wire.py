@@ -28,10 +28,14 @@ class H2ServerState(h2.connection.H2Connection):
     """h2's server state without its per-stream scan of all open streams.
 
     h2 counts open inbound streams by scanning every stream before accepting
-    a new one (O(streams in flight) per request). _H2Session enforces the
-    limit itself, refusing excess streams with REFUSED_STREAM (RFC 9113
-    §5.1.2), so the scan, which also drops closed streams, runs every
-    PRUNE_EVERY-th stream.
+    a new one (O(streams in flight) per request) and ends the connection
+    when the count passes SETTINGS_MAX_CONCURRENT_STREAMS. That would be a
+    connection error where RFC 9113 §5.1.2 makes excess streams a stream
+    error, and it would count streams opened in the same read that
+    _H2Session is about to refuse. So _H2Session's limit is the only one
+    (excess streams are refused with REFUSED_STREAM): the count h2 consults
+    is always 0, and the scan, which also drops closed streams from h2's
+    table, runs every PRUNE_EVERY-th new stream.
     """
 
     PRUNE_EVERY = 64
@@ -40,9 +44,9 @@ class H2ServerState(h2.connection.H2Connection):
     @property
     def open_inbound_streams(self) -> int:
         self._new_streams += 1
-        if self._new_streams % self.PRUNE_EVERY:
-            return 0
-        return super().open_inbound_streams
+        if not self._new_streams % self.PRUNE_EVERY:
+            self._open_streams(1)  # client-initiated (odd) streams
+        return 0
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         """h2's own, without its trace log: that formats every frame received
@@ -151,7 +155,12 @@ _CONNECTION_HEADERS = frozenset(
 _NAME_CHARACTERS = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A)
 _NAME_CHARACTERS = _NAME_CHARACTERS.replace(b":", b"")
 _BLANK = (0x20, 0x09)
+# Fields found good before, for the life of the process and shared by all
+# connections, so bounded in bytes: at most MAX_GOOD_FIELDS fields of at most
+# MAX_GOOD_FIELD_BYTES each (a bearer JWT fits; a client's large unique
+# values are checked each time instead of filling memory).
 MAX_GOOD_FIELDS = 4096
+MAX_GOOD_FIELD_BYTES = 512
 _GOOD_FIELDS: set[tuple[bytes, bytes]] = set()  # (name, value) checked before
 
 
@@ -199,7 +208,9 @@ def field_problem(
             if host is not None:
                 return "more than one host header"
             host = value
-        elif len(_GOOD_FIELDS) < MAX_GOOD_FIELDS:
+        elif len(name) + len(value) <= MAX_GOOD_FIELD_BYTES:
+            if len(_GOOD_FIELDS) >= MAX_GOOD_FIELDS:
+                _GOOD_FIELDS.clear()  # rotated tokens still get remembered
             _GOOD_FIELDS.add(pair)
     if trailers:
         return None
@@ -249,10 +260,17 @@ class RequestDecoder(hpack.Decoder):
     dynamic table is unchanged: a client repeating one request (h2load, a
     sender pushing to one device) then sends the same bytes, which mean the
     same headers.
+
+    Both are kept per connection and bounded in bytes: at most MAX_BLOCKS
+    blocks of at most MAX_BLOCK_BYTES (encoded, and decoded), and at most
+    MAX_STRINGS strings of at most MAX_STRING_BYTES (Huffman-coded, about
+    5/8 of the decoded size); larger ones are decoded each time.
     """
 
     MAX_BLOCKS = 32
+    MAX_BLOCK_BYTES = 2048
     MAX_STRINGS = 256
+    MAX_STRING_BYTES = 512
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
@@ -274,8 +292,9 @@ class RequestDecoder(hpack.Decoder):
             known = self._blocks.get(data)
             if known is not None:
                 return cast(list[hpack.HeaderTuple], list(known))
-        headers = self._decode_block(data, table)
-        if (table.additions, table.maxsize) == state[:2]:
+        headers, size = self._decode_block(data, table)
+        unchanged = (table.additions, table.maxsize) == state[:2]
+        if unchanged and len(data) + size <= self.MAX_BLOCK_BYTES:
             if len(self._blocks) >= self.MAX_BLOCKS:
                 self._blocks.clear()
             self._blocks[bytes(data)] = headers
@@ -284,7 +303,8 @@ class RequestDecoder(hpack.Decoder):
 
     def _decode_block(
         self, data: bytes, table: hpack.table.HeaderTable
-    ) -> list[tuple[bytes, bytes]]:
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """The block's fields, and their size as RFC 9113 §6.5.2 counts it."""
         headers: list[tuple[bytes, bytes]] = []
         size = 0
         limit = self.max_header_list_size
@@ -317,7 +337,7 @@ class RequestDecoder(hpack.Decoder):
         if table.maxsize > self.max_allowed_table_size:
             msg = "table size over the allowed maximum"
             raise hpack.InvalidTableSizeError(msg)
-        return headers
+        return headers, size
 
     def _literal(
         self, data: bytes, i: int, prefix: int, table: hpack.table.HeaderTable
@@ -337,7 +357,9 @@ class RequestDecoder(hpack.Decoder):
         if end > len(data):
             raise hpack.HPACKDecodingError("truncated header block")
         text = data[i:end]
-        if huffman:
+        if huffman and length > self.MAX_STRING_BYTES:
+            text = decode_huffman(text)
+        elif huffman:
             decoded = self._huffman.get(text)
             if decoded is None:
                 decoded = decode_huffman(text)
