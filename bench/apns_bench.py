@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client_send import typical_send
 from h2load_run import run_h2load
 
 from pushstream.config import ApnsApp, Endpoints
-from pushstream.events import Notification, Send
+from pushstream.events import Send
 from pushstream.sandbox.apns import ApnsSandbox
 from pushstream.sandbox.certs import ensure_certs
 from pushstream.senders import apns
 from pushstream.senders.apns_auth import ProviderToken, load_signing_key
-from pushstream.senders.result import Target
 
 TOKEN = "ab" * 32
 
@@ -57,19 +57,7 @@ def serve(folder: str, queue: Any) -> None:
 
 
 def request(app: str) -> Send:
-    n = Notification(id="bench", title="Benchmark", body="x" * 100)
-    rendered = apns.render(n, Target("apns", TOKEN, app, "d"), 0, None)
-    return Send(
-        send_id="bench:d",
-        notification_id="bench",
-        device_id="d",
-        platform="apns",
-        app=app,
-        token=TOKEN,
-        accepted_at_ms=0,
-        headers=rendered.headers,
-        body=rendered.body,
-    )
+    return typical_send("apns", TOKEN, app)
 
 
 def send_many(

@@ -31,16 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from client_send import typical_send
 from h2load_run import run_h2load
 
 from pushstream.config import FcmProject
-from pushstream.events import Notification, Send
+from pushstream.events import Send
 from pushstream.sandbox.certs import ensure_certs
 from pushstream.sandbox.fcm import FcmSandbox
 from pushstream.sandbox.server import SandboxServer
 from pushstream.senders import fcm
 from pushstream.senders.oauth import GoogleTokenSource
-from pushstream.senders.result import Target
 
 PROJECT = "bench-project"
 TOKEN = "bench-device-" + "aB3_x-Yz9:" * 15
@@ -65,19 +65,7 @@ def serve(folder: str, queue: Any) -> None:
 
 
 def request() -> Send:
-    n = Notification(id="bench", title="Benchmark", body="x" * 100, data={"k": "v"})
-    rendered = fcm.render(n, Target("fcm", TOKEN, PROJECT, "d"), 0, None)
-    return Send(
-        send_id="bench:d",
-        notification_id="bench",
-        device_id="d",
-        platform="fcm",
-        app=PROJECT,
-        token=TOKEN,
-        accepted_at_ms=0,
-        headers=rendered.headers,
-        body=rendered.body,
-    )
+    return typical_send("fcm", TOKEN, PROJECT, data={"k": "v"})
 
 
 def credentials(projects_json: str) -> list[fcm.FcmCredentials]:

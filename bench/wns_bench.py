@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client_send import typical_send
+
 from pushstream.config import load_settings
-from pushstream.events import Notification, Send
+from pushstream.events import Send
 from pushstream.sandbox.certs import ensure_certs
 from pushstream.sandbox.server import SandboxServer
 from pushstream.sandbox.wns import WnsSandbox
 from pushstream.senders import wns
-from pushstream.senders.result import Target
 
 APP = "Contoso.Sandbox"
 
@@ -63,19 +64,7 @@ def serve(folder: str, queue: Any) -> None:
 
 
 def request(channel: str) -> Send:
-    n = Notification(id="bench", title="Benchmark", body="x" * 100, data={"k": "v"})
-    rendered = wns.render(n, Target("wns", channel, APP, "d"), 0, None)
-    return Send(
-        send_id="bench:d",
-        notification_id="bench",
-        device_id="d",
-        platform="wns",
-        app=APP,
-        token=channel,
-        accepted_at_ms=0,
-        headers=rendered.headers,
-        body=rendered.body,
-    )
+    return typical_send("wns", channel, APP, data={"k": "v"})
 
 
 def send_many(
