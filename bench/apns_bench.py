@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from client_send import typical_send
+from client_send import sandbox_process, typical_send
 from h2load_run import run_h2load
 
 from pushstream.config import ApnsApp, Endpoints
@@ -119,15 +117,7 @@ def main() -> None:
     parser.add_argument("--h2load-clients", type=int, default=1)
     parser.add_argument("--no-h2load", action="store_true")
     args = parser.parse_args()
-    folder = str(Path(tempfile.gettempdir()) / "pushstream-apns-bench")
-    ensure_certs(folder)
-
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
-    sandbox = ctx.Process(target=serve, args=(folder, ready), daemon=True)
-    sandbox.start()
-    try:
-        port, apps_json = ready.get(timeout=60)
+    with sandbox_process("apns", serve) as (ctx, folder, (port, apps_json)):
         results = ctx.Queue()
         clients = [
             ctx.Process(target=send_many, args=(port, apps_json, folder, args, results))
@@ -156,8 +146,6 @@ def main() -> None:
                 print("h2load: not installed (apt-get install nghttp2-client)")
             else:
                 print(h2load(port, apps_json, args))
-    finally:
-        sandbox.terminate()
 
 
 if __name__ == "__main__":

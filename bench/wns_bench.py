@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from client_send import typical_send
+from client_send import sandbox_process, typical_send
 
 from pushstream.config import load_settings
 from pushstream.events import Send
@@ -103,15 +101,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--channels", type=int, default=100)
     args = parser.parse_args()
-    folder = str(Path(tempfile.gettempdir()) / "pushstream-wns-bench")
-    ensure_certs(folder)
-
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
-    sandbox = ctx.Process(target=serve, args=(folder, ready), daemon=True)
-    sandbox.start()
-    try:
-        base_url, env = ready.get(timeout=60)
+    with sandbox_process("wns", serve) as (ctx, _, (base_url, env)):
         results = ctx.Queue()
         client = ctx.Process(target=send_many, args=(base_url, env, args, results))
         client.start()
@@ -123,8 +113,6 @@ def main() -> None:
             f"{args.concurrency} in flight); client CPU "
             f"{cpu / args.sends * 1e6:,.0f} us per send"
         )
-    finally:
-        sandbox.terminate()
 
 
 if __name__ == "__main__":
