@@ -492,7 +492,8 @@ def _format(kafka: LocalKafka) -> None:
     shutil.rmtree(kafka.log_dirs, ignore_errors=True)
     cluster_id = _cluster_id()
     config = str((kafka.data_dir / "server.properties").resolve())
-    args = ("format", "-t", cluster_id, "-c", config)
+    # "=": a random id may begin with "-", which would read as an option.
+    args = ("format", f"--cluster-id={cluster_id}", "-c", config)
     command = _java_command(kafka, TOOL_HEAP, "kafka.tools.StorageTool", *args)
     done = subprocess.run(
         command, capture_output=True, text=True, stdin=subprocess.DEVNULL

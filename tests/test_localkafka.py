@@ -176,3 +176,18 @@ def test_lifecycle_survives_kill_minus_nine(kafka: Kafka, tmp_path: Path) -> Non
     assert not localkafka.status(local).running
     assert not localkafka.broker_answers(local.bootstrap)
     assert local.server_log.stat().st_size > 0
+
+
+def test_a_cluster_id_starting_with_a_dash_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One random id in 64 begins with "-": it must not read as an option."""
+    local = localkafka.LocalKafka.from_env(port=0, data_dir=tmp_path / "kafka")
+    cluster_id = "-" + "A" * 21
+    monkeypatch.setattr(localkafka, "_cluster_id", lambda: cluster_id)
+    localkafka._write_config(local, 0)
+
+    localkafka._format(local)
+
+    meta = (local.log_dirs / "meta.properties").read_text()
+    assert f"cluster.id={cluster_id}" in meta
