@@ -181,11 +181,42 @@ class PipelineProducer(faust_aiokafka.Producer):
         return FullMetadataProducer
 
 
+# How long the broker may hold a fetch that finds no new records. Faust asks
+# for 1,500 ms (fixed in its aiokafka driver).
+FETCH_MAX_WAIT_MS = 100
+
+
+class PipelineConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, with a short fetch wait."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class PipelineConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, on a :class:`PipelineConsumerThread`."""
+
+    def _new_consumer_thread(self) -> PipelineConsumerThread:
+        return PipelineConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
 class PipelineApp(faust.App):
-    """A Faust app whose producer is a :class:`PipelineProducer`."""
+    """A Faust app with a :class:`PipelineProducer` and a :class:`PipelineConsumer`."""
 
     def _new_producer(self) -> PipelineProducer:
         return PipelineProducer(self.transport, loop=self.loop, beacon=self.beacon)
+
+    def _new_consumer(self) -> PipelineConsumer:
+        return PipelineConsumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.loop,
+        )
 
 
 class DeadLetterError(Exception):
