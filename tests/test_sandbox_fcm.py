@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from pushstream.sandbox.fcm import MAX_MESSAGE_BYTES, _check_message, _Refusal
+from pushstream.sandbox.fcm_answers import Refusal
+from pushstream.sandbox.fcm_message import MAX_MESSAGE_BYTES, check_message
 
 
 def check(raw: str) -> str | None:
     """The refusal of a message (its text as sent), or None."""
     message = json.loads(raw)
     try:
-        _check_message(message, len(raw.encode()))
-    except _Refusal as refusal:
+        check_message(message, len(raw.encode()))
+    except Refusal as refusal:
         return refusal.response.body.decode()
     return None
 
