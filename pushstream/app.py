@@ -25,6 +25,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from faust.sensors import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.services import WaitResults
 from pydantic import BaseModel
 
 from pushstream import deadletter, metrics
@@ -196,10 +197,88 @@ class PipelineConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class PipelineConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer, on a :class:`PipelineConsumerThread`."""
+    """Faust's aiokafka consumer, handing each record over with one task.
+
+    Faust's fetch loop hands every record to the topic conductor with
+    ``wait_first(callback(message), suspend_flow.wait())``: the hand-off
+    stops waiting (and cancels it) when a rebalance suspends the flow, or
+    when the consumer stops or crashes. ``Service.wait_first`` makes four
+    tasks for that (the hand-off and three waiters) and cancels three, for
+    every record; here the hand-off gets one task, and the three conditions
+    wake it through one shared future, resolved by the methods that set
+    them (:meth:`stop_flow`, ``_stopped_set``, ``_crash``). Same outcome,
+    about a tenth of the event-loop work.
+    """
+
+    _interrupted: asyncio.Future[None] | None = None
 
     def _new_consumer_thread(self) -> PipelineConsumerThread:
         return PipelineConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def stop_flow(self) -> None:
+        super().stop_flow()
+        self._interrupt()
+
+    def _stopped_set(self) -> None:
+        super()._stopped_set()
+        self._interrupt()
+
+    def _crash(self, reason: BaseException) -> None:
+        super()._crash(reason)
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        interrupted = self._interrupted
+        if interrupted is not None and not interrupted.done():
+            interrupted.set_result(None)
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:  # noqa: ASYNC109 (overrides mode)
+        """The fetch loop's hand-off with one task; anything else as Faust does."""
+        if (
+            timeout is not None
+            or len(coros) != 2
+            or not asyncio.iscoroutine(coros[0])
+            or not _awaits_event(coros[1], self.suspend_flow)
+            or self.suspend_flow.is_set()
+            or self._stopped.is_set()
+            or self._crashed.is_set()
+        ):
+            return await super().wait_first(*coros, timeout=timeout)
+        handoff, flow = coros
+        flow.close()
+        loop = asyncio.get_running_loop()
+        interrupted = self._interrupted
+        if interrupted is None or interrupted.done():
+            interrupted = self._interrupted = loop.create_future()
+        task = loop.create_task(handoff)
+        if not task.done():
+            waiter = loop.create_future()
+
+            def wake(_: Any) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            task.add_done_callback(wake)
+            interrupted.add_done_callback(wake)
+            try:
+                await waiter
+            finally:
+                interrupted.remove_done_callback(wake)
+                if not task.done():
+                    task.cancel()
+        if not task.done() or task.cancelled():
+            return WaitResults([], [], True)
+        return WaitResults([handoff], [task.result()], False)
+
+
+def _awaits_event(coro: Any, event: Any) -> bool:
+    """True for a ``event.wait()`` coroutine not started yet."""
+    frame = getattr(coro, "cr_frame", None)
+    return (
+        frame is not None
+        and coro.cr_code is type(event).wait.__code__
+        and frame.f_locals.get("self") is event
+    )
 
 
 class PipelineApp(faust.App):
