@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -484,6 +485,12 @@ async def test_sigterm_hands_back_held_work_and_loses_nothing(
         assert worker.stop() == 0
         sandbox.outage("apns", on=False)
         assert "put back" in worker.log()
+        # The hanging request (and those queued behind it for the one stream)
+        # outlived the grace, half the shutdown timeout, and were put back.
+        abandoned = re.findall(
+            r"\((\d+) abandoned in flight after 2\.0s\)", worker.log()
+        )
+        assert sum(map(int, abandoned)) >= 1
 
         worker.start()
         found = await deliveries_of(settings, *held, retried)

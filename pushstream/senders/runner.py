@@ -313,6 +313,8 @@ class _Item:
     event: Any  # faust.EventT
     send: Send
     holds: int = 0  # requests made whose outage answer was held, not settled
+    attempts: int = 0  # requests started for it by this worker
+    abandoned: bool = False  # its request was cancelled after the handover's grace
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +347,8 @@ class PlatformSender:
         self._unacked = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The tasks waiting for a request, and the item each one requests for.
+        self._requesting: dict[asyncio.Task[Any], _Item] = {}
         self._failure: BaseException | None = None
         self._crash: asyncio.Future[None] | None = None  # referenced while it runs
         self._probe_answer: asyncio.Future[None] | None = None
@@ -359,14 +363,18 @@ class PlatformSender:
         try:
             await self.client.start()
             async with self.release.watching():
-                batches = stream.noack_take(
-                    settings.send_batch_size, within=settings.send_batch_within_s
-                )
-                async for events in batches:
-                    for event in events:
-                        self._start(event)
-                    if not await self._wait_for_room():
-                        break
+                abandoning = asyncio.create_task(self._abandon_after_grace())
+                try:
+                    batches = stream.noack_take(
+                        settings.send_batch_size, within=settings.send_batch_within_s
+                    )
+                    async for events in batches:
+                        for event in events:
+                            self._start(event)
+                        if not await self._wait_for_room():
+                            break
+                finally:
+                    abandoning.cancel()
         except Exception as exc:
             # An agent that dies keeps its unacknowledged sends; stopping the
             # worker hands them to the next one instead of stalling the topic.
@@ -428,7 +436,8 @@ class PlatformSender:
             error = f"invalid send: {describe_error(exc)}"
             await self.pipeline.dead_letter_event(event, stage=self._stage, error=error)
         else:
-            await asyncio.gather(*await self._settle(item))
+            for published in await self._settle(item):
+                await published
         taken.done = True
         await self._ack_ready(event.message.tp)
 
@@ -511,21 +520,46 @@ class PlatformSender:
             self._probe_answer.set_result(None)
 
     async def _attempt_or_abandon(self, item: _Item) -> _Answer | None:
-        """The request; on a handover give it a grace time, then abandon it (None)."""
-        attempt = asyncio.ensure_future(self._attempt(item))
-        while not attempt.done() and not self.release.active:
-            await asyncio.wait(
-                (attempt, self.release.started()), return_when=asyncio.FIRST_COMPLETED
-            )
-        if not attempt.done():
-            await asyncio.wait(
-                (attempt,), timeout=self._settings.shutdown_timeout_s / 2
-            )
-        if not attempt.done():
-            attempt.cancel()
+        """The request, in the send's own task; None once abandoned on a handover.
+
+        The request runs in the task that handles the send, with no task or
+        waiter of its own: :meth:`_abandon_after_grace` cancels it when a
+        handover's grace time runs out, and it then counts as not made.
+        """
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a send's request runs in its own task")
+        item.attempts += 1
+        self._requesting[task] = item
+        try:
+            return await self._attempt(item)
+        except asyncio.CancelledError:
+            if not item.abandoned:
+                raise
+            task.uncancel()
+            item.abandoned = False
             self._abandoned += 1
-            await asyncio.wait((attempt,))
-        return None if attempt.cancelled() else attempt.result()
+            return None
+        finally:
+            del self._requesting[task]
+
+    async def _abandon_after_grace(self) -> None:
+        """On each handover, give the requests in flight a grace time, then cancel them.
+
+        The grace is ``shutdown_timeout_s / 2`` from the handover's start, for
+        the requests in flight at that moment (no new one starts while the
+        handover runs). The cancelled sends are put back on their topic. While
+        a handover lasts, this repeats once per grace time, finding no request.
+        """
+        grace = self._settings.shutdown_timeout_s / 2
+        while True:
+            await self.release.started()
+            in_flight = {item: item.attempts for item in self._requesting.values()}
+            await asyncio.sleep(grace)
+            for task, item in list(self._requesting.items()):
+                if in_flight.get(item) == item.attempts and not item.abandoned:
+                    item.abandoned = True
+                    task.cancel()
 
     async def _attempt(self, item: _Item) -> _Answer | None:
         """One request, unless a handover or the breaker holds it (None).
