@@ -149,6 +149,7 @@ def configure(settings: Settings) -> None:
         + [p.project_id for p in settings.fcm]
         + [w.package for w in settings.wns]
     )
+    _delivery_counters.clear()
 
 
 def app_label(app: str | None) -> str:
@@ -186,14 +187,29 @@ def reason_code(reason: str | None) -> str:
 # --- counting events (called where they happen) -------------------------------
 
 
+# Each send counts in these: the labelled series they hit, by what labels them.
+# ``labels()`` validates and locks on every call, a few microseconds each.
+# Cleared when full, as a provider's reasons may carry details that vary.
+LABELLED_CACHE_MAX = 4096
+_delivery_counters: dict[tuple[str | None, ...], Any] = {}
+_request_series: dict[str, tuple[Gauge, Histogram]] = {}
+
+
 def delivery(event: Delivery) -> None:
     """One outcome published on the deliveries topic."""
-    DELIVERIES.labels(
-        platform=platform_label(event.platform),
-        app=app_label(event.app),
-        outcome=event.outcome,
-        reason=reason_code(event.reason),
-    ).inc()
+    key = (event.platform, event.app, event.outcome, event.reason)
+    counter = _delivery_counters.get(key)
+    if counter is None:
+        counter = DELIVERIES.labels(
+            platform=platform_label(event.platform),
+            app=app_label(event.app),
+            outcome=event.outcome,
+            reason=reason_code(event.reason),
+        )
+        if len(_delivery_counters) >= LABELLED_CACHE_MAX:
+            _delivery_counters.clear()
+        _delivery_counters[key] = counter
+    counter.inc()
 
 
 def retry_scheduled(platform: str, reason: str) -> None:
@@ -238,22 +254,29 @@ class ProviderRequest:
         result = await client.send(send)
     """
 
-    __slots__ = ("_label", "_started")
+    __slots__ = ("_in_flight", "_latency", "_started")
 
     def __init__(self, platform: str) -> None:
-        self._label = platform_label(platform)
+        series = _request_series.get(platform)
+        if series is None:
+            label = platform_label(platform)
+            series = (
+                IN_FLIGHT.labels(platform=label),
+                PROVIDER_LATENCY.labels(platform=label),
+            )
+            _request_series[platform] = series
+        self._in_flight: Gauge = series[0]
+        self._latency: Histogram = series[1]
         self._started = 0.0
 
     def __enter__(self) -> ProviderRequest:
-        IN_FLIGHT.labels(platform=self._label).inc()
+        self._in_flight.inc()
         self._started = time.monotonic()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        IN_FLIGHT.labels(platform=self._label).dec()
-        PROVIDER_LATENCY.labels(platform=self._label).observe(
-            time.monotonic() - self._started
-        )
+        self._in_flight.dec()
+        self._latency.observe(time.monotonic() - self._started)
 
 
 def exposition() -> bytes:

@@ -129,6 +129,40 @@ def test_delivery_counter_labels_hold_no_ids() -> None:
     assert 'app="other"' in line
 
 
+def test_delivery_counter_follows_the_configured_apps() -> None:
+    """Each outcome counts once, under the app label the configuration gives."""
+
+    def count(app: str) -> float:
+        sample = metrics.REGISTRY.get_sample_value(
+            "pushstream_deliveries_total",
+            {"platform": "fcm", "app": app, "outcome": "delivered", "reason": "ok"},
+        )
+        return sample or 0.0
+
+    event = Delivery(
+        notification_id="n",
+        platform="fcm",
+        app="proj-late",
+        outcome="delivered",
+        reason="ok",
+        accepted_at_ms=1,
+        completed_at_ms=2,
+        latency_ms=1,
+    )
+    other, late = count(metrics.OTHER), count("proj-late")
+    metrics.delivery(event)
+    metrics.delivery(event)
+    assert (count(metrics.OTHER), count("proj-late")) == (other + 2, late)
+
+    project = FcmProject(project_id="proj-late", service_account_json="{}")
+    metrics.configure(Settings(fcm=(project,)))
+    try:
+        metrics.delivery(event)
+    finally:
+        metrics.configure(Settings())
+    assert (count(metrics.OTHER), count("proj-late")) == (other + 2, late + 1)
+
+
 def test_replayed_sends_are_counted_per_platform() -> None:
     """Repeated sends after a crash would go uncounted, or count as new ones."""
 
