@@ -24,6 +24,7 @@ from typing import Any, NoReturn, cast
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.sensors import Monitor
+from faust.streams import current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
 from pydantic import BaseModel
@@ -145,6 +146,52 @@ class PipelineTable(faust.Table):  # type: ignore[type-arg]
         if self.app.consumer.topic_partitions(self.changelog_topic_name) == 0:
             return
         super()._verify_source_topic_partitions(source_topic)
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        """Store a value in the event in hand's partition, and log it to the changelog.
+
+        What ``table[key] = value`` does, for a table written once per
+        notification: the changelog record goes straight to the app's
+        producer, as :meth:`Pipeline.send` does, instead of through Faust's
+        send buffer (``Topic.send_soon``), which wraps every record in a
+        ``FutureMessage``, hands it over through a queue and a background
+        task, and holds the writer once 100 records wait. Once Kafka has the
+        record, its offset is kept in the store, as Faust keeps it, so that a
+        restart reads the changelog only past it. Nothing is lost if the
+        worker dies first: Faust flushes the producer before it commits the
+        event's offset, and a record never confirmed is simply read again.
+        """
+        event = current_event()
+        if event is None:
+            raise RuntimeError("a table is written only while an event is handled")
+        message = event.message
+        self._verify_source_topic_partitions(message.topic)
+        self.data[key] = value
+        producer = await self.app.maybe_start_producer()
+        written = await producer.send(
+            self.changelog_topic_name,
+            key,
+            value,
+            partition=message.partition,
+            timestamp=None,
+            headers=None,
+        )
+        written.add_done_callback(self._changelog_written)
+
+    def _changelog_written(self, written: asyncio.Future[Any]) -> None:
+        if written.cancelled():
+            return
+        failure = written.exception()
+        if failure is not None:
+            log.error(
+                "table %s: a changelog record was not written (%s: %s)",
+                self.name,
+                type(failure).__name__,
+                failure,
+            )
+            return
+        metadata = written.result()
+        self.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
 
 
 class FullMetadataProducer(AIOKafkaProducer):  # type: ignore[misc]
@@ -334,7 +381,7 @@ class Pipeline:
             producer_linger=0.005,
             consumer_auto_offset_reset="earliest",
         )
-        self._tables: dict[str, faust.Table[bytes, bytes]] = {}
+        self._tables: dict[str, PipelineTable] = {}
         self.topics: dict[str, faust.TopicT] = {}
         self._topic_names: dict[str, str] = {}
         for name in (
@@ -352,7 +399,7 @@ class Pipeline:
                 self._topic_names[name], schema=raw_schema(), internal=False
             )
 
-    def table(self, name: str, **options: Any) -> faust.Table[bytes, bytes]:
+    def table(self, name: str, **options: Any) -> PipelineTable:
         """A RocksDB table with raw bytes keys and values, co-partitioned inputs.
 
         Asking again for a name returns the same table (the options of the
@@ -363,7 +410,7 @@ class Pipeline:
             return self._tables[name]
         # app.Table is typed as the TableT protocol; it builds a faust.Table.
         table = cast(
-            "faust.Table[bytes, bytes]",
+            "PipelineTable",
             self.app.Table(
                 name,
                 schema=raw_schema(),
@@ -378,7 +425,7 @@ class Pipeline:
         return table
 
     @functools.cached_property
-    def devices(self) -> faust.Table[bytes, bytes]:
+    def devices(self) -> PipelineTable:
         """user id -> UserDevices JSON: written by the registry, read by the router.
 
         Created on first use, so the registry and the router may attach in
@@ -387,7 +434,7 @@ class Pipeline:
         return self.table(DEVICES_TABLE)
 
     @functools.cached_property
-    def routed(self) -> faust.Table[bytes, bytes]:
+    def routed(self) -> PipelineTable:
         """The router's dedup entries, kept for ``dedup_window_s``.
 
         Both copies forget old entries: RocksDB's TTL mode drops them at

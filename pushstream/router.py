@@ -605,7 +605,7 @@ class Router:
             metrics.delivery(delivery)
             await self._pipeline.publish(DELIVERIES, n.id, delivery)
         if routing.sent is not None:
-            self._routed[dedup] = encode_sent(routing.sent)
+            await self._routed.put(dedup, encode_sent(routing.sent))
         log.debug(
             "notification %s: %d sends, %d other outcomes",
             n.id,

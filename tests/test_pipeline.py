@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,6 +305,34 @@ async def test_sends_made_again_after_a_crash_are_marked_replay(
         assert marks[0] is False
         assert True in marks[1:]
         assert scrape(worker, "pushstream_replayed_sends_total", platform) == 1.0
+
+
+async def test_a_worker_that_lost_its_disk_still_knows_what_it_routed(
+    kafka: Kafka, pipeline: Settings, sandbox: SandboxProcess, worker: WorkerProcess
+) -> None:
+    """A notification published again after a restart on a new disk would be
+    pushed twice: the routed table must come back from its changelog."""
+    user, nid = f"u-{uuid.uuid4().hex[:8]}", f"n-{uuid.uuid4().hex[:8]}"
+    await register_three(kafka, pipeline, sandbox, user)
+    await notify(pipeline, user, {"id": nid, "title": "Once"})
+    assert {d["outcome"] for d in await deliveries(pipeline, nid, 3)} == {"delivered"}
+    await wait_until_routed(pipeline, user, nid)
+
+    assert worker.stop() == 0
+    shutil.rmtree(pipeline.data_dir)
+    worker.start()
+    await notify(pipeline, user, {"id": nid, "title": "Once"})
+
+    def duplicates(records: list[Message]) -> int:
+        return sum(
+            1 for r in records if r.key == nid and r.value["outcome"] == "duplicate"
+        )
+
+    found = await wait_for(pipeline, topics.DELIVERIES, lambda rs: duplicates(rs) >= 3)
+    # One "duplicate" per device, and no push made again.
+    outcomes = Counter(r.value["outcome"] for r in found if r.key == nid)
+    assert outcomes == {"delivered": 3, "duplicate": 3}
+    assert len(sandbox.accepted("apns")) == 1
 
 
 def replayed(record: Message, notification_id: str) -> bool:
