@@ -6,6 +6,13 @@ pushstream's topics exist with the partition counts the tables need, and runs
 Faust's worker until SIGTERM or SIGINT, after which it stops cleanly (offsets
 committed, tables flushed) and exits with status 0.
 
+A stop is bounded (:class:`StopWatchdog`): a worker that has not exited
+``PUSHSTREAM_SHUTDOWN_TIMEOUT_S`` plus :data:`STOP_MARGIN_S` seconds after the
+signal (its broker is gone, and aiokafka or Faust wait for it) logs one line
+and exits with :data:`EXIT_UNCLEAN_STOP`, as does a stop that finished but
+not cleanly. Nothing is lost either way: what was not committed is read
+again after a restart (at least once).
+
 Before it joins the consumer group the worker checks what it can: the
 settings, every provider credential, that its web port is free, that Kafka
 answers and that the topics exist. Each failure stops it with exit status 1
@@ -27,10 +34,15 @@ import asyncio
 import errno
 import json
 import logging
+import os
+import signal
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import faust
@@ -56,6 +68,21 @@ PARTS: tuple[Callable[[Pipeline], object], ...] = (
 )
 
 READ_TIMEOUT_S = 30.0
+
+# How much longer than PUSHSTREAM_SHUTDOWN_TIMEOUT_S a stop may take. A clean
+# stop takes about half the timeout (the grace of provider requests in flight)
+# plus 2 to 3 s of Faust's and mode's teardown, whose last steps each wait 1 s.
+STOP_MARGIN_S = 5.0
+# The exit status of a stop that did not finish, or finished but not cleanly.
+# 1 is taken by a crash and by a worker that cannot start, 2 by click's usage
+# errors.
+EXIT_UNCLEAN_STOP = 3
+# How long the watchdog waits for its log line to be written before it exits.
+LAST_LINE_WAIT_S = 1.0
+AT_LEAST_ONCE = (
+    "Nothing is lost: offsets not committed are read again after a restart "
+    "(at least once), so some work may be done twice"
+)
 
 
 class WorkerError(Exception):
@@ -163,10 +190,138 @@ def kafka_problem(settings: Settings, exc: Exception) -> str:
     return f"{where}: Kafka refused the worker{over} ({type(exc).__name__}: {exc})"
 
 
+# --- stopping -----------------------------------------------------------------
+
+
+class StopWatchdog:
+    """Ends the process when its stop takes too long; tells a clean stop apart.
+
+    :meth:`arm` starts the clock when the worker begins to stop (SIGTERM,
+    SIGINT, or a crash). If the process still runs ``timeout_s + margin_s``
+    later, the watchdog logs one ERROR line and ends it with
+    :data:`EXIT_UNCLEAN_STOP` (``os._exit``: the rest of the stop does not
+    run, as after a SIGKILL). That is safe: Faust commits an offset only once
+    everything its record produced is in Kafka, so whatever was not committed
+    is read again by the next owner of its partition. It happens when the
+    broker is unreachable: Faust's last commit waits for the producer to
+    flush records the broker never acknowledges, and mode waits 60 s for a
+    consumer thread that died in aiokafka's stop.
+
+    While the worker stops, a thread that dies of an exception (aiokafka's
+    consumer thread does, when its last fetch to a lost broker is
+    cancelled) makes the stop unclean too: :attr:`failure` says which, and
+    :func:`run_worker` then exits with :data:`EXIT_UNCLEAN_STOP` as well.
+
+    The clock runs in a thread of its own, not in an asyncio task: the stop
+    can block the event loop's thread (mode waits for Faust's consumer
+    thread with a blocking join, and so does the interpreter at exit).
+    ``cause``, called when time is up, may name the likely reason.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        margin_s: float = STOP_MARGIN_S,
+        cause: Callable[[], str | None] = lambda: None,
+        end_process: Callable[[int], object] = os._exit,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.margin_s = margin_s
+        self.failure: str | None = None
+        self._cause = cause
+        self._end_process = end_process
+        self._lock = threading.Lock()
+        self._why: str | None = None
+
+    def arm(self, why: str) -> None:
+        """Start the clock, on the first call only; ``why`` names the trigger."""
+        with self._lock:
+            if self._why is not None:
+                return
+            self._why = why
+        previous = threading.excepthook
+
+        def thread_died(args: threading.ExceptHookArgs) -> None:
+            previous(args)
+            if self.failure is None:
+                self.failure = (
+                    f"{_thread_name(args.thread)} died ({args.exc_type.__name__})"
+                )
+
+        threading.excepthook = thread_died
+        watch = threading.Thread(target=self._watch, name="stop-watchdog")
+        watch.daemon = True
+        watch.start()
+
+    def _watch(self) -> None:
+        time.sleep(self.timeout_s + self.margin_s)
+        cause = self._cause()
+        line = threading.Thread(target=self._last_line, args=(cause,), daemon=True)
+        line.start()
+        # A log handler blocked on a full pipe must not keep the process alive.
+        line.join(LAST_LINE_WAIT_S)
+        self._end_process(EXIT_UNCLEAN_STOP)
+
+    def _last_line(self, cause: str | None) -> None:
+        log.error(
+            "the worker did not stop within %gs of %s "
+            "(PUSHSTREAM_SHUTDOWN_TIMEOUT_S %gs + %gs)%s; exiting with status %d "
+            "without finishing the stop. %s",
+            self.timeout_s + self.margin_s,
+            self._why,
+            self.timeout_s,
+            self.margin_s,
+            f": {cause}" if cause else "",
+            EXIT_UNCLEAN_STOP,
+            AT_LEAST_ONCE,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+
+
+def _thread_name(thread: threading.Thread | None) -> str:
+    """The name of mode's service in a service thread, else the thread's."""
+    service = getattr(thread, "service", None)
+    if service is not None:
+        return type(service).__name__
+    return thread.name if thread is not None else "a thread"
+
+
+def stop_cause(app: faust.App) -> str | None:
+    """Why a stop may hang, as far as the worker can tell: the broker is gone."""
+    if web.coordinator_known(app) is False:
+        return "its consumer has lost the group coordinator (Kafka is unreachable)"
+    return None
+
+
+class PipelineWorker(faust.Worker):
+    """Faust's worker, with its stop bounded by a :class:`StopWatchdog`."""
+
+    def __init__(self, app: faust.App, watchdog: StopWatchdog, **options: Any) -> None:
+        self.watchdog = watchdog
+        super().__init__(app, **options)
+
+    def _schedule_shutdown(self, sig: signal.Signals) -> None:
+        # mode's handler of SIGTERM and SIGINT (mode-streaming 0.7): the stop
+        # begins here, and may hang before anything else hears of it.
+        self.watchdog.arm(sig.name)
+        super()._schedule_shutdown(sig)
+
+    def on_worker_shutdown(self) -> None:
+        # Every stop passes here, a crash's too, once the worker stops running.
+        self.watchdog.arm("beginning to stop")
+        super().on_worker_shutdown()
+
+
 def run_worker(settings: Settings | None = None) -> NoReturn:
     """Run one worker until SIGTERM/SIGINT; exits 0 after a clean stop.
 
-    Raises ConfigError or WorkerError (before starting) when it cannot run.
+    Exits with :data:`EXIT_UNCLEAN_STOP` when the stop did not finish within
+    ``shutdown_timeout_s`` + :data:`STOP_MARGIN_S`, or finished but not
+    cleanly. Raises ConfigError or WorkerError (before starting) when it
+    cannot run.
     """
     settings = settings or load_settings()
     setup_logging(settings)
@@ -189,15 +344,31 @@ def run_worker(settings: Settings | None = None) -> NoReturn:
         settings.partitions,
         settings.data_dir,
     )
-    worker = faust.Worker(
+    watchdog = StopWatchdog(
+        settings.shutdown_timeout_s, cause=lambda: stop_cause(pipeline.app)
+    )
+    worker = PipelineWorker(
         pipeline.app,
+        watchdog,
         loop=loop,
         loglevel=settings.log_level,
         override_logging=False,
         quiet=True,
     )
     worker.spinner = None  # a terminal spinner has no place in a service's log
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None) or watchdog.failure is None:
+            raise
+        log.error(
+            "the worker stopped, but not cleanly (%s while it stopped); "
+            "exiting with status %d. %s",
+            watchdog.failure,
+            EXIT_UNCLEAN_STOP,
+            AT_LEAST_ONCE,
+        )
+        raise SystemExit(EXIT_UNCLEAN_STOP) from None
 
 
 @click.command("worker")
