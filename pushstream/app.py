@@ -230,8 +230,11 @@ class PipelineProducer(faust_aiokafka.Producer):
 
 
 # How long the broker may hold a fetch that finds no new records. Faust asks
-# for 1,500 ms (fixed in its aiokafka driver).
-FETCH_MAX_WAIT_MS = 100
+# for 1,500 ms (fixed in its aiokafka driver). A fetch leaves out the
+# partitions whose records are still being handled, and no other fetch goes
+# to that broker until it returns: records arriving there meanwhile wait for
+# it, at each hop. An idle worker thus asks each broker 50 times a second.
+FETCH_MAX_WAIT_MS = 20
 
 
 class PipelineConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
