@@ -1,4 +1,5 @@
-"""What the client benchmarks share: the sandbox process, and the send they repeat.
+"""What the client benchmarks share: the sandbox process, the send they repeat,
+the timed send loop and the client processes that run it.
 
 ``apns_bench.py``, ``fcm_bench.py`` and ``wns_bench.py`` each time one
 provider client making the same request again and again against a sandbox
@@ -7,17 +8,28 @@ stand-in running in its own process.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pushstream.events import Notification, Platform, Send
 from pushstream.router import default_renderers
 from pushstream.sandbox.certs import ensure_certs
 from pushstream.senders.result import Target
+from pushstream.senders.runner import SenderClient
+
+
+class Timing(NamedTuple):
+    """What a timed run measured: wall and CPU seconds, and each outcome's count."""
+
+    elapsed_s: float
+    cpu_s: float
+    outcomes: dict[str, int]
 
 
 def typical_send(
@@ -60,3 +72,51 @@ def sandbox_process(
         yield ctx, folder, ready.get(timeout=60)
     finally:
         sandbox.terminate()
+
+
+async def time_sends(
+    client: SenderClient, sends: Sequence[Send], count: int, concurrency: int
+) -> Timing:
+    """Send ``count`` times through ``client``, ``concurrency`` at a time.
+
+    The sends cycle through ``sends``. The CPU time is this process's, so
+    the client should be the only thing it runs.
+    """
+    outcomes: dict[str, int] = {}
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            result = await client.send(sends[remaining % len(sends)])
+            outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Timing(time.perf_counter() - started, time.process_time() - cpu, outcomes)
+
+
+def run_clients(
+    ctx: Any, target: Callable[..., None], args: tuple[Any, ...], clients: int
+) -> Timing:
+    """Run ``target(*args, queue)`` in ``clients`` processes at once.
+
+    Each process puts one :class:`Timing` on the queue. The result adds
+    their outcomes and CPU seconds; its wall time is the slowest process's.
+    """
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=target, args=(*args, results)) for _ in range(clients)
+    ]
+    for process in processes:
+        process.start()
+    runs: list[Timing] = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join()
+    total: dict[str, int] = {}
+    for run in runs:
+        for outcome, count in run.outcomes.items():
+            total[outcome] = total.get(outcome, 0) + count
+    slowest = max(run.elapsed_s for run in runs)
+    return Timing(slowest, sum(run.cpu_s for run in runs), total)

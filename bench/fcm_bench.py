@@ -24,12 +24,11 @@ import asyncio
 import json
 import shutil
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from client_send import sandbox_process, typical_send
+from client_send import run_clients, sandbox_process, time_sends, typical_send
 from h2load_run import run_h2load
 
 from pushstream.config import FcmProject
@@ -82,7 +81,6 @@ def send_many(
             for c in credentials(projects_json)
         ]
         send = request()
-        outcomes: dict[str, int] = {}
         async with fcm.FcmClient(
             projects,
             endpoint=f"https://127.0.0.1:{port}",
@@ -90,20 +88,8 @@ def send_many(
             max_connections=args.connections,
         ) as client:
             await client.send(send)  # connect and fetch the access token first
-            remaining = args.sends
-
-            async def worker() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    result = await client.send(send)
-                    outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
-
-            started, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-            elapsed = time.perf_counter() - started
-            cpu = time.process_time() - cpu
-        out.put((elapsed, cpu, outcomes))
+            timing = await time_sends(client, [send], args.sends, args.concurrency)
+        out.put(timing)
 
     asyncio.run(run())
 
@@ -139,24 +125,9 @@ def main() -> None:
     parser.add_argument("--no-h2load", action="store_true")
     args = parser.parse_args()
     with sandbox_process("fcm", serve) as (ctx, folder, (port, projects_json)):
-        results = ctx.Queue()
-        clients = [
-            ctx.Process(
-                target=send_many, args=(port, projects_json, folder, args, results)
-            )
-            for _ in range(args.clients)
-        ]
-        for client in clients:
-            client.start()
-        runs = [results.get(timeout=600) for _ in clients]
-        for client in clients:
-            client.join()
-        total: dict[str, int] = {}
-        for _, _, outcomes in runs:
-            for outcome, count in outcomes.items():
-                total[outcome] = total.get(outcome, 0) + count
-        slowest = max(elapsed for elapsed, _, _ in runs)
-        cpu_per_send = sum(cpu for _, cpu, _ in runs) / (args.sends * args.clients)
+        client_args = (port, projects_json, folder, args)
+        slowest, cpu, total = run_clients(ctx, send_many, client_args, args.clients)
+        cpu_per_send = cpu / (args.sends * args.clients)
         delivered = total.get("delivered", 0)
         print(
             f"FcmClient: {delivered / slowest:,.0f} sends/s "

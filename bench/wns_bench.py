@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from client_send import sandbox_process, typical_send
+from client_send import run_clients, sandbox_process, time_sends, typical_send
 
 from pushstream.config import load_settings
 from pushstream.events import Send
@@ -74,23 +73,10 @@ def send_many(
     sends = [request(sandbox.channel_uri(APP)) for _ in range(args.channels)]
 
     async def run() -> None:
-        outcomes: dict[str, int] = {}
         async with wns.WnsClient.from_settings(load_settings()) as client:
             await client.send(sends[0])  # connect and fetch the access token first
-            remaining = args.sends
-
-            async def worker() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    result = await client.send(sends[remaining % len(sends)])
-                    outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
-
-            started, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-            elapsed = time.perf_counter() - started
-            cpu = time.process_time() - cpu
-        out.put((elapsed, cpu, outcomes))
+            timing = await time_sends(client, sends, args.sends, args.concurrency)
+        out.put(timing)
 
     asyncio.run(run())
 
@@ -102,11 +88,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=100)
     args = parser.parse_args()
     with sandbox_process("wns", serve) as (ctx, _, (base_url, env)):
-        results = ctx.Queue()
-        client = ctx.Process(target=send_many, args=(base_url, env, args, results))
-        client.start()
-        elapsed, cpu, outcomes = results.get(timeout=600)
-        client.join()
+        elapsed, cpu, outcomes = run_clients(ctx, send_many, (base_url, env, args), 1)
         print(
             f"WnsClient: {outcomes.get('delivered', 0) / elapsed:,.0f} sends/s "
             f"({args.sends} sends to {args.channels} channels, outcomes {outcomes}; "
