@@ -19,12 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from client_send import run_clients, sandbox_process, time_sends, typical_send
-from h2load_run import run_h2load
+from client_send import (
+    add_client_options,
+    describe,
+    run_clients,
+    sandbox_process,
+    time_sends,
+    typical_send,
+)
+from h2load_run import add_h2load_options, print_h2load, run_h2load
 
 from pushstream.config import ApnsApp, Endpoints
 from pushstream.events import Send
@@ -96,29 +102,15 @@ def h2load(port: int, apps_json: str, args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sends", type=int, default=5000, help="per client process")
-    parser.add_argument("--clients", type=int, default=1, help="client processes")
-    parser.add_argument("--concurrency", type=int, default=200)
-    parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--h2load-clients", type=int, default=1)
-    parser.add_argument("--no-h2load", action="store_true")
+    add_client_options(parser)
+    add_h2load_options(parser)
     args = parser.parse_args()
     with sandbox_process("apns", serve) as (ctx, folder, (port, apps_json)):
         client_args = (port, apps_json, folder, args)
-        slowest, cpu, total = run_clients(ctx, send_many, client_args, args.clients)
-        cpu_per_send = cpu / (args.sends * args.clients)
-        delivered = total.get("delivered", 0)
-        print(
-            f"ApnsClient: {delivered / slowest:,.0f} sends/s "
-            f"({args.clients} process(es) x {args.sends} sends, outcomes {total}; "
-            f"{args.connections} connection(s), {args.concurrency} in flight each); "
-            f"client CPU {cpu_per_send * 1e6:,.0f} us per send"
-        )
-        if not args.no_h2load:
-            if shutil.which("h2load") is None:
-                print("h2load: not installed (apt-get install nghttp2-client)")
-            else:
-                print(h2load(port, apps_json, args))
+        timing = run_clients(ctx, send_many, client_args, args.clients)
+        how = f"{args.connections} connection(s), {args.concurrency} in flight each"
+        print(describe("ApnsClient", timing, args, how))
+        print_h2load(args, lambda: h2load(port, apps_json, args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ stand-in running in its own process.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import multiprocessing
 import tempfile
@@ -120,3 +121,27 @@ def run_clients(
             total[outcome] = total.get(outcome, 0) + count
     slowest = max(run.elapsed_s for run in runs)
     return Timing(slowest, sum(run.cpu_s for run in runs), total)
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of a bench running several client processes."""
+    parser.add_argument("--sends", type=int, default=5000, help="per client process")
+    parser.add_argument("--clients", type=int, default=1, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=1)
+
+
+def describe(client: str, timing: Timing, args: argparse.Namespace, how: str) -> str:
+    """One line on what ``run_clients`` measured: sends/s and client CPU per send.
+
+    ``args`` holds the options :func:`add_client_options` added; ``how``
+    describes the client's settings.
+    """
+    sends = args.sends * args.clients
+    delivered = timing.outcomes.get("delivered", 0)
+    return (
+        f"{client}: {delivered / timing.elapsed_s:,.0f} sends/s "
+        f"({args.clients} process(es) x {args.sends} sends, "
+        f"outcomes {timing.outcomes}; {how}); "
+        f"client CPU {timing.cpu_s / sends * 1e6:,.0f} us per send"
+    )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pushstream.events import Send
@@ -46,3 +48,19 @@ def run_h2load(
         f"({codes.group(1)} answered 2xx, {codes.group(3)} 4xx; "
         f"{args.h2load_clients} connection(s), {args.concurrency} streams each)"
     )
+
+
+def add_h2load_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--h2load-clients`` (connections) and ``--no-h2load`` to a bench."""
+    parser.add_argument("--h2load-clients", type=int, default=1)
+    parser.add_argument("--no-h2load", action="store_true")
+
+
+def print_h2load(args: argparse.Namespace, run: Callable[[], str]) -> None:
+    """Print what ``run`` says, unless ``--no-h2load`` or h2load is not installed."""
+    if args.no_h2load:
+        return
+    if shutil.which("h2load") is None:
+        print("h2load: not installed (apt-get install nghttp2-client)")
+    else:
+        print(run())
