@@ -944,34 +944,43 @@ def test_any_delivery_order_ends_in_the_latest_state(
     assert {d.device_id: (d.token, d.last_seen_ms) for d in final.devices} == expected
 
 
-@settings(max_examples=300)
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["reg", "unreg", "invalid", "release"]),
-            st.sampled_from(["a", "b", "c", "d", "e", None]),
-            st.integers(0, 5),
-            st.integers(1, 10_000),
-        ),
-        max_size=30,
+Step = tuple[str, str | None, int, int]
+
+
+def steps(*kinds: str) -> st.SearchStrategy[list[Step]]:
+    """Up to 30 steps: a kind, a device id (None: by token), a token number, a time."""
+    step = st.tuples(
+        st.sampled_from(kinds),
+        st.sampled_from(["a", "b", "c", "d", "e", None]),
+        st.integers(0, 5),
+        st.integers(1, 10_000),
     )
-)
-def test_invariants_hold_after_any_sequence(
-    steps: list[tuple[str, str | None, int, int]],
-) -> None:
+    return st.lists(step, max_size=30)
+
+
+def take(state: UserDevices, step: Step) -> Change:
+    """Apply one of the steps ``steps`` draws to ``state``."""
+    kind, device, n, t = step
+    token = apns(n) if n % 2 else fcm(n)
+    if kind == "reg":
+        return register(state, reg(t, token, device), RULES, NOW)
+    if kind == "unreg":
+        names = {"device_id": device} if device else {"token": token}
+        return unregister(state, unreg(t, **names), NOW)
+    if kind == "sweep":
+        return sweep(state, sweep_at(t), RULES, t + RULES.max_age_ms)
+    if kind == "invalid":
+        return invalidate(state, report("invalidated", t, token))
+    return release(state, report("released", t, token))
+
+
+@settings(max_examples=300)
+@given(steps("reg", "unreg", "invalid", "release"))
+def test_invariants_hold_after_any_sequence(history: list[Step]) -> None:
     """A corrupted device list: duplicates, two devices per token, over the limit."""
     state = EMPTY
-    for kind, device, n, t in steps:
-        token = apns(n) if n % 2 else fcm(n)
-        if kind == "reg":
-            state = register(state, reg(t, token, device), RULES, NOW).state
-        elif kind == "unreg":
-            names = {"device_id": device} if device else {"token": token}
-            state = unregister(state, unreg(t, **names), NOW).state
-        else:
-            state = (invalidate if kind == "invalid" else release)(
-                state, report(kind + ("ated" if kind == "invalid" else "d"), t, token)
-            ).state
+    for step in history:
+        state = take(state, step).state
         ids = [d.device_id for d in state.devices]
         assert len(ids) == len(set(ids))
         held = [d.token for d in state.devices]
@@ -986,35 +995,14 @@ def test_invariants_hold_after_any_sequence(
 
 
 @settings(max_examples=300)
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["reg", "unreg", "invalid", "release", "sweep"]),
-            st.sampled_from(["a", "b", "c", "d", "e", None]),
-            st.integers(0, 5),
-            st.integers(1, 10_000),
-        ),
-        max_size=30,
-    )
-)
+@given(steps("reg", "unreg", "invalid", "release", "sweep"))
 def test_every_token_a_device_stops_holding_is_released(
-    steps: list[tuple[str, str | None, int, int]],
+    history: list[Step],
 ) -> None:
     """The owners table would keep entries of tokens nobody holds, or lose live ones."""
     state = EMPTY
-    for kind, device, n, t in steps:
-        token = apns(n) if n % 2 else fcm(n)
-        if kind == "reg":
-            change = register(state, reg(t, token, device), RULES, NOW)
-        elif kind == "unreg":
-            names = {"device_id": device} if device else {"token": token}
-            change = unregister(state, unreg(t, **names), NOW)
-        elif kind == "sweep":
-            change = sweep(state, sweep_at(t), RULES, t + RULES.max_age_ms)
-        else:
-            change = (invalidate if kind == "invalid" else release)(
-                state, report(kind + ("ated" if kind == "invalid" else "d"), t, token)
-            )
+    for step in history:
+        change = take(state, step)
         live = {(d.device_id, d.token) for d in state.devices if d.state == "active"}
         kept = {(d.device_id, d.token) for d in change.state.devices}
         claimed = {c.token for c in change.claims}
