@@ -95,6 +95,11 @@ class Harness:
         records = [(v["user_id"], v) for v in values]
         await self.kafka.produce(self.settings.topic("registrations"), records)
 
+    async def apply(self, *values: dict[str, Any]) -> None:
+        """Publish registrations and wait until the worker has consumed them."""
+        await self.registrations(*values)
+        await self.settled()
+
     async def token_events(self, *values: dict[str, Any]) -> None:
         records = [(v["user_id"], v) for v in values]
         await self.kafka.produce(self.settings.topic("token-events"), records)
@@ -130,11 +135,10 @@ async def test_registered_device_is_in_the_table_and_shown_by_devices(
 ) -> None:
     """A registered device would get no pushes: the router finds no token."""
     with WorkerProcess(worker_env()) as worker:
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone", locale="fr_FR"),
             register("bob", fcm(2), 1),
         )
-        await harness.settled()
         alice = await harness.devices("alice")
         bob = await harness.devices("bob")
         shown = await run_cli(worker_env(), "devices", "alice")
@@ -155,13 +159,12 @@ async def test_refresh_keeps_the_token_and_a_new_token_replaces_it(
 ) -> None:
     """Upstream would not learn of rotated tokens, or see false rotations."""
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone"),
             register("alice", apns(1), 10, device="phone"),
             register("alice", apns(2), 20, device="phone"),
             register("alice", apns(2), 30, device="phone"),
         )
-        await harness.settled()
         [device] = (await harness.devices("alice")).devices
         replaced = await harness.published("replaced")
 
@@ -180,7 +183,7 @@ async def test_unregister_removes_and_a_late_register_does_not_resurrect(
 ) -> None:
     """A logged-out device would keep receiving the user's pushes."""
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone"),
             register("alice", fcm(2), 0),
             register("alice", fcm(3), 0, device="tablet"),
@@ -188,11 +191,9 @@ async def test_unregister_removes_and_a_late_register_does_not_resurrect(
             unregister("alice", 10, token=fcm(2)),
             register("alice", apns(1), 5, device="phone"),  # delayed, older
         )
-        await harness.settled()
         assert await harness.tokens("alice") == {"tablet": fcm(3)}
 
-        await harness.registrations(register("alice", apns(1), 20, device="phone"))
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 20, device="phone"))
         assert await harness.tokens("alice") == {"tablet": fcm(3), "phone": apns(1)}
 
 
@@ -201,11 +202,10 @@ async def test_older_event_does_not_overwrite_newer_state(
 ) -> None:
     """A delayed registration would bring back a token the device replaced."""
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(2), 20, device="phone"),
             register("alice", apns(1), 10, device="phone"),
         )
-        await harness.settled()
         assert await harness.tokens("alice") == {"phone": apns(2)}
         assert await harness.published("replaced") == []
 
@@ -215,12 +215,11 @@ async def test_device_limit_retires_the_least_recently_seen(
 ) -> None:
     """A user's device list would grow without bound, and every push with it."""
     with WorkerProcess(worker_env(PUSHSTREAM_MAX_DEVICES_PER_USER="2")):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="old"),
             register("alice", apns(2), 10, device="mid"),
             register("alice", apns(3), 20, device="new"),
         )
-        await harness.settled()
         assert await harness.tokens("alice") == {"mid": apns(2), "new": apns(3)}
         retired = await harness.published("retired")
     assert [(m.key, m.value["device_id"], m.value["token"]) for m in retired] == [
@@ -234,10 +233,8 @@ async def test_token_registered_by_another_user_leaves_the_first(
     """The previous user would get the new user's pushes on a shared device."""
     settings = harness.settings
     with WorkerProcess(worker_env()):
-        await harness.registrations(register("alice", apns(1), 0, device="ipad"))
-        await harness.settled()
-        await harness.registrations(register("bob", apns(1), 10, device="ipad"))
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 0, device="ipad"))
+        await harness.apply(register("bob", apns(1), 10, device="ipad"))
         alice = await harness.tokens("alice")
         bob = await harness.tokens("bob")
         released = await harness.published("released")
@@ -245,8 +242,7 @@ async def test_token_registered_by_another_user_leaves_the_first(
             settings, "owners", token_fingerprint(apns(1)).encode()
         )
         # Alice registering it again, after Bob, takes it back.
-        await harness.registrations(register("alice", apns(1), 20, device="ipad"))
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 20, device="ipad"))
         assert await harness.tokens("alice") == {"ipad": apns(1)}
         assert await harness.tokens("bob") == {}
 
@@ -290,14 +286,12 @@ async def test_unregister_removes_the_tokens_owners_entry(
     """The owners table would keep every token ever registered, for ever."""
     settings = harness.settings
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone"),
             register("alice", apns(2), 0, device="tablet"),
         )
-        await harness.settled()
         before = await read_table(settings, "owners")
-        await harness.registrations(unregister("alice", 10, device_id="phone"))
-        await harness.settled()
+        await harness.apply(unregister("alice", 10, device_id="phone"))
         after = await read_table(settings, "owners")
         changelog = await owners_changelog(settings)
         releases = await read_all(settings, settings.topic("token-owners"))
@@ -319,12 +313,11 @@ async def test_rotated_token_leaves_the_owners_table(
     """Every token rotation would leave one more owners entry behind."""
     settings = harness.settings
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone"),
             register("alice", apns(2), 10, device="phone"),
             register("alice", apns(3), 20, device="phone"),
         )
-        await harness.settled()
         owners = await read_table(settings, "owners")
     assert set(owners) == {fp(apns(3))}
     assert owners[fp(apns(3))]["device_id"] == "phone"
@@ -338,10 +331,8 @@ async def test_late_release_keeps_the_new_owners_entry(
     from Bob, and both would get each other's pushes."""
     settings = harness.settings
     with WorkerProcess(worker_env()):
-        await harness.registrations(register("alice", apns(1), 0, device="ipad"))
-        await harness.settled()
-        await harness.registrations(register("bob", apns(1), 10, device="ipad"))
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 0, device="ipad"))
+        await harness.apply(register("bob", apns(1), 10, device="ipad"))
         # Alice's registry let go after it was released, behind Bob's claim.
         published = await read_all(settings, settings.topic("token-owners"))
         owner = (await read_table(settings, "owners")).get(fp(apns(1)))
@@ -353,8 +344,7 @@ async def test_late_release_keeps_the_new_owners_entry(
         await harness.settled()
         owner_after = (await read_table(settings, "owners")).get(fp(apns(1)))
         # Carol takes it from Bob: Bob is told, so he still had an owner entry.
-        await harness.registrations(register("carol", apns(1), 40, device="ipad"))
-        await harness.settled()
+        await harness.apply(register("carol", apns(1), 40, device="ipad"))
         assert await harness.tokens("bob") == {}
         assert await harness.tokens("carol") == {"ipad": apns(1)}
         final = (await read_table(settings, "owners")).get(fp(apns(1)))
@@ -367,23 +357,34 @@ async def test_late_release_keeps_the_new_owners_entry(
     assert final == {"user_id": "carol", "device_id": "ipad", "event_time_ms": ms(40)}
 
 
+# A worker retiring devices not seen for a day, and sweeping every second.
+SWEEP_AFTER_A_DAY = {
+    "PUSHSTREAM_TOKEN_MAX_AGE_DAYS": "1",
+    "PUSHSTREAM_SWEEP_INTERVAL_S": "1",
+}
+
+
+def old_and_new() -> list[dict[str, Any]]:
+    """Alice's devices: "old", last seen two days ago, and "new", seen now."""
+    two_days = 2 * 24 * 3600
+    return [
+        register("alice", apns(1), -two_days, device="old"),
+        register("alice", apns(2), 0, device="new"),
+    ]
+
+
 async def test_sweep_retirement_removes_the_owners_entry(
     harness: Harness, worker_env: Env
 ) -> None:
     """Tokens of devices retired for age would keep owners entries for ever."""
     settings = harness.settings
-    env = worker_env(PUSHSTREAM_TOKEN_MAX_AGE_DAYS="1", PUSHSTREAM_SWEEP_INTERVAL_S="1")
-    two_days = 2 * 24 * 3600
 
     async def owned() -> set[str]:
         await harness.settled()
         return set(await read_table(settings, "owners"))
 
-    with WorkerProcess(env):
-        await harness.registrations(
-            register("alice", apns(1), -two_days, device="old"),
-            register("alice", apns(2), 0, device="new"),
-        )
+    with WorkerProcess(worker_env(**SWEEP_AFTER_A_DAY)):
+        await harness.registrations(*old_and_new())
         owners = await poll(owned, {fp(apns(2))})
         tokens = await harness.tokens("alice")
     assert tokens == {"new": apns(2)}
@@ -395,13 +396,12 @@ async def test_invalidated_token_is_marked_and_reregistration_requested(
 ) -> None:
     """Pushes would keep going to a dead token and the app never re-registers."""
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", apns(1), 0, device="phone"),
             register("bob", apns(2), 0, device="phone"),
             register("bob", apns(3), 20, device="phone"),
             register("carol", apns(4), 30, device="phone"),
         )
-        await harness.settled()
         await harness.token_events(
             invalidated("alice", apns(1), 40, provider=35),
             invalidated("alice", apns(1), 41, provider=35),  # the same, again
@@ -432,8 +432,7 @@ async def test_registry_ignores_its_own_token_events(
 ) -> None:
     """Upstream-facing events would be applied as commands, or dead-lettered."""
     with WorkerProcess(worker_env()):
-        await harness.registrations(register("alice", apns(1), 0, device="phone"))
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 0, device="phone"))
         before = await harness.devices("alice")
         own = [
             {**invalidated("alice", apns(1), 10), "type": kind}
@@ -449,13 +448,8 @@ async def test_sweep_retires_devices_not_seen_for_the_max_age(
     harness: Harness, worker_env: Env
 ) -> None:
     """Tokens of long-gone devices would be kept and pushed to forever."""
-    env = worker_env(PUSHSTREAM_TOKEN_MAX_AGE_DAYS="1", PUSHSTREAM_SWEEP_INTERVAL_S="1")
-    two_days = 2 * 24 * 3600
-    with WorkerProcess(env):
-        await harness.registrations(
-            register("alice", apns(1), -two_days, device="old"),
-            register("alice", apns(2), 0, device="new"),
-        )
+    with WorkerProcess(worker_env(**SWEEP_AFTER_A_DAY)):
+        await harness.registrations(*old_and_new())
         tokens = await poll(lambda: harness.tokens("alice"), {"new": apns(2)})
         await harness.settled()
         events = await harness.published("retired", "reregister_requested")
@@ -474,11 +468,10 @@ async def test_wns_channel_off_the_allow_list_is_dead_lettered(
     good = "https://db3.notify.windows.com/?token=AwYAAAB"
     evil = "https://evil.example/?token=AwYAAAB"
     with WorkerProcess(worker_env()):
-        await harness.registrations(
+        await harness.apply(
             register("alice", evil, 0, device="pc", platform="wns"),
             register("alice", good, 1, device="laptop", platform="wns"),
         )
-        await harness.settled()
         assert await harness.tokens("alice") == {"laptop": good}
         [letter] = await harness.dead_letters()
     assert "WNS channel refused" in letter.value["error"]
@@ -571,8 +564,7 @@ async def test_bad_input_goes_to_dead_letters_and_the_agent_goes_on(
                 *BAD_RELEASES,
             ],
         )
-        await harness.registrations(register("alice", fcm(7), 50, device="phone"))
-        await harness.settled()
+        await harness.apply(register("alice", fcm(7), 50, device="phone"))
         letters = await harness.dead_letters()
         tokens = await harness.tokens("alice")
         assert worker.ready()[0] == 200
@@ -646,6 +638,21 @@ async def test_thousand_events_a_third_malformed(
     assert all(m.value["error"] for m in letters)
 
 
+def one_device_each(users: list[str], first: int, when: float) -> list[dict[str, Any]]:
+    """A registration of device "d" for each user, the i-th with ``apns(first + i)``."""
+    return [register(u, apns(first + i), when, device="d") for i, u in enumerate(users)]
+
+
+def numbered(users: list[str], first: int) -> dict[str, str]:
+    """The token :func:`one_device_each` gives each user."""
+    return {u: apns(first + i) for i, u in enumerate(users)}
+
+
+def one_token_each(table: dict[str, Any]) -> dict[str, str]:
+    """user -> token of the user's one device, from the devices table."""
+    return {u: v["devices"][0]["token"] for u, v in table.items()}
+
+
 async def test_killed_worker_restarts_with_the_same_table(
     harness: Harness, worker_env: Env
 ) -> None:
@@ -653,15 +660,10 @@ async def test_killed_worker_restarts_with_the_same_table(
     settings = harness.settings
     users = [f"user-{i:03d}" for i in range(200)]
     with WorkerProcess(worker_env()) as worker:
-        await harness.registrations(
-            *(register(u, apns(i), 0, device="d") for i, u in enumerate(users))
-        )
-        await harness.settled()
+        await harness.apply(*one_device_each(users, 0, 0))
         before = await read_table(settings, "devices")
         # New tokens, and a SIGKILL while the worker handles them.
-        await harness.registrations(
-            *(register(u, apns(1000 + i), 10, device="d") for i, u in enumerate(users))
-        )
+        await harness.registrations(*one_device_each(users, 1000, 10))
         worker.kill()
         worker.start()
         await harness.settled()
@@ -669,16 +671,12 @@ async def test_killed_worker_restarts_with_the_same_table(
         replaced = await harness.published("replaced")
         assert worker.stop() == 0
 
-    assert {u: v["devices"][0]["token"] for u, v in before.items()} == {
-        u: apns(i) for i, u in enumerate(users)
-    }
-    assert {u: v["devices"][0]["token"] for u, v in after.items()} == {
-        u: apns(1000 + i) for i, u in enumerate(users)
-    }
+    assert one_token_each(before) == numbered(users, 0)
+    assert one_token_each(after) == numbered(users, 1000)
     # Every user's old token was reported replaced: the table held it.
-    assert {(m.key, m.value["token"]) for m in replaced} == {
-        (u, apns(i)) for i, u in enumerate(users)
-    }
+    assert {(m.key, m.value["token"]) for m in replaced} == set(
+        numbered(users, 0).items()
+    )
 
 
 async def test_lost_data_dir_is_rebuilt_from_the_changelog(
@@ -688,29 +686,21 @@ async def test_lost_data_dir_is_rebuilt_from_the_changelog(
     settings = harness.settings
     users = [f"user-{i:03d}" for i in range(100)]
     with WorkerProcess(worker_env()) as worker:
-        await harness.registrations(
-            *(register(u, apns(i), 0, device="d") for i, u in enumerate(users))
-        )
-        await harness.settled()
+        await harness.apply(*one_device_each(users, 0, 0))
         assert worker.stop() == 0
 
         shutil.rmtree(settings.data_dir)
         worker.start()
-        await harness.registrations(
-            *(register(u, apns(1000 + i), 10, device="d") for i, u in enumerate(users))
-        )
-        await harness.settled()
+        await harness.apply(*one_device_each(users, 1000, 10))
         replaced = await harness.published("replaced")
         after = await read_table(settings, "devices")
         assert worker.stop() == 0
 
     assert settings.data_dir.is_dir()
-    assert {(m.key, m.value["token"]) for m in replaced} == {
-        (u, apns(i)) for i, u in enumerate(users)
-    }
-    assert {u: v["devices"][0]["token"] for u, v in after.items()} == {
-        u: apns(1000 + i) for i, u in enumerate(users)
-    }
+    assert {(m.key, m.value["token"]) for m in replaced} == set(
+        numbered(users, 0).items()
+    )
+    assert one_token_each(after) == numbered(users, 1000)
 
 
 async def poll(read: Callable[[], Any], wanted: Any, within: float = 60.0) -> Any:
@@ -746,10 +736,8 @@ async def test_a_forged_sweep_retires_no_live_device(
     far = ms(10 * 365 * 24 * 3600)
     forged = {"type": "sweep", "user_id": "alice", "cutoff_ms": far, "at_ms": far}
     with WorkerProcess(worker_env()):
-        await harness.registrations(register("alice", apns(1), 0, device="phone"))
-        await harness.settled()
-        await harness.registrations(forged)
-        await harness.settled()
+        await harness.apply(register("alice", apns(1), 0, device="phone"))
+        await harness.apply(forged)
         tokens = await harness.tokens("alice")
         retired = await harness.published("retired", "reregister_requested")
     assert tokens == {"phone": apns(1)}
