@@ -9,7 +9,8 @@
   output in a log file; :meth:`Child.stop` sends SIGTERM to the group, then
   SIGKILL after a timeout.
 - :func:`start_sandbox`: ``pushstream sandbox`` on free ports, with its env
-  file (the settings that point a worker at it) and its admin API.
+  file (the settings that point a worker at it) and its admin API
+  (:class:`SandboxAdmin`, which the tests' sandbox process uses too).
 - :func:`start_worker`: ``pushstream worker``, ready once ``GET /ready``
   answers 200.
 - :func:`wait_consumed`: until a consumer group has committed every record
@@ -179,41 +180,37 @@ def pushstream_argv(*args: str) -> list[str]:
 # --- the sandbox ------------------------------------------------------------------
 
 
-class SandboxChild(Child):
-    """``pushstream sandbox`` with its ports, env file and admin API."""
+def sandbox_argv(folder: Path) -> list[str]:
+    """``pushstream sandbox`` with every listener on a free port, its files in
+    ``folder``."""
+    ports = ("--apns-port", "0", "--fcm-port", "0", "--wns-port", "0")
+    return pushstream_argv(
+        "sandbox", *ports, "--admin-port", "0", "--folder", str(folder)
+    )
 
-    def __init__(self, folder: Path, env: Mapping[str, str] | None = None) -> None:
-        ports = ("--apns-port", "0", "--fcm-port", "0", "--wns-port", "0")
-        super().__init__(
-            "sandbox",
-            pushstream_argv(
-                "sandbox", *ports, "--admin-port", "0", "--folder", str(folder)
-            ),
-            os.environ if env is None else env,
-            folder / "sandbox.log",
-        )
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PORTS_FILE).unlink(missing_ok=True)
-        self.ports: dict[str, int] = {}
-        self.worker_env: dict[str, str] = {}
 
-    async def wait_listening(self, within: float) -> None:
-        """Wait until every listener is bound; read the ports and the env file."""
-        ports_file = self.folder / PORTS_FILE
-        deadline = time.monotonic() + within
-        while not ports_file.exists():
-            if not self.running:
-                raise self.failed("exited before it listened")
-            if time.monotonic() > deadline:
-                raise self.failed(f"not listening after {within:.0f}s")
-            await asyncio.sleep(0.1)
-        found = json.loads(ports_file.read_text())
-        self.ports = {k: v for k, v in found.items() if isinstance(v, int)}
-        self.worker_env = parse_env((self.folder / ENV_FILE).read_text())
+def sandbox_listening(folder: Path) -> tuple[dict[str, int], dict[str, str]] | None:
+    """The ports a sandbox started with ``sandbox_argv(folder)`` listens on, and
+    the settings of its env file; None until every listener is bound."""
+    ports_file = folder / PORTS_FILE
+    if not ports_file.exists():
+        return None
+    found = json.loads(ports_file.read_text())
+    ports = {k: v for k, v in found.items() if isinstance(v, int)}
+    return ports, parse_env((folder / ENV_FILE).read_text())
+
+
+class SandboxAdmin:
+    """The admin API of a running sandbox, for a class that holds its ``ports``.
+
+    The calls block: run them in a thread from async code. A call the
+    sandbox refuses raises StackError with its status and reason.
+    """
+
+    ports: dict[str, int]
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One admin API call (blocking: run it in a thread from async code)."""
+        """One admin API call; the answer's JSON."""
         url = f"http://127.0.0.1:{self.ports['admin']}{path}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method=method)
@@ -225,22 +222,52 @@ class SandboxChild(Child):
             detail = exc.read().decode("utf-8", "replace")
             raise StackError(f"sandbox {method} {path}: {exc.code} {detail}") from None
 
-    def wns_channel(self, package: str, scenario: str = "ok") -> str:
-        """A new channel URI of one of the sandbox's WNS apps (blocking)."""
+    def wns_channel(
+        self, package: str = "Contoso.Sandbox", scenario: str = "ok"
+    ) -> str:
+        """A new channel URI of one of the sandbox's WNS apps."""
         query = urllib.parse.urlencode({"package": package, "scenario": scenario})
         uri: str = self.call("GET", f"/wns-channel?{query}")["uri"]
         return uri
 
     def stats(self) -> dict[str, Any]:
-        """Per platform: requests, statuses, accepted pushes (blocking)."""
+        """Per platform: requests, token_requests, statuses, accepted, outage."""
         stats: dict[str, Any] = self.call("GET", "/stats")
         return stats
 
     def accepted(self, platform: str) -> list[dict[str, Any]]:
-        """The pushes one stand-in accepted, oldest first (blocking)."""
+        """The pushes one stand-in accepted, oldest first."""
         query = urllib.parse.urlencode({"platform": platform})
         accepted: list[dict[str, Any]] = self.call("GET", f"/accepted?{query}")
         return accepted
+
+
+class SandboxChild(Child, SandboxAdmin):
+    """``pushstream sandbox`` with its ports, env file and admin API."""
+
+    def __init__(self, folder: Path, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(
+            "sandbox",
+            sandbox_argv(folder),
+            os.environ if env is None else env,
+            folder / "sandbox.log",
+        )
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PORTS_FILE).unlink(missing_ok=True)
+        self.ports: dict[str, int] = {}
+        self.worker_env: dict[str, str] = {}
+
+    async def wait_listening(self, within: float) -> None:
+        """Wait until every listener is bound; read the ports and the env file."""
+        deadline = time.monotonic() + within
+        while (listening := sandbox_listening(self.folder)) is None:
+            if not self.running:
+                raise self.failed("exited before it listened")
+            if time.monotonic() > deadline:
+                raise self.failed(f"not listening after {within:.0f}s")
+            await asyncio.sleep(0.1)
+        self.ports, self.worker_env = listening
 
 
 async def start_sandbox(

@@ -15,36 +15,34 @@ Usage, together with ``workerproc``::
 - :class:`SandboxProcess` starts ``python -m pushstream sandbox`` on free
   ports (port 0) with its own folder, waits until every listener is bound,
   and reads the env file that points a worker at it (:attr:`env`).
-- Its methods call the admin API: :meth:`stats`, :meth:`accepted`,
-  :meth:`scenario`, :meth:`outage`, :meth:`reset`, :meth:`wns_channel`.
+- Its methods call the admin API: :meth:`stats`, :meth:`accepted` and
+  :meth:`wns_channel` (from :class:`pushstream.localstack.SandboxAdmin`, as
+  the demo and the benchmarks call them), :meth:`scenario`, :meth:`outage`
+  and :meth:`reset`. A call the sandbox refuses raises ``StackError``.
 - :meth:`stop` sends SIGTERM and returns the exit status. When the sandbox
   dies or does not get ready, the test fails with the tail of its log.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
 import pytest
 
-from pushstream.sandbox.main import ENV_FILE, PORTS_FILE, parse_env
+from pushstream.localstack import SandboxAdmin, sandbox_argv, sandbox_listening
+from pushstream.sandbox.main import PORTS_FILE
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_LINES = 60
 
 
-class SandboxProcess:
+class SandboxProcess(SandboxAdmin):
     """One ``pushstream sandbox`` subprocess; a context manager that stops it."""
 
     def __init__(
@@ -69,37 +67,24 @@ class SandboxProcess:
         """Start the sandbox on free ports and wait until it listens."""
         assert self.process is None or self.process.poll() is not None
         self.folder.mkdir(parents=True, exist_ok=True)
-        ports_file = self.folder / PORTS_FILE
-        ports_file.unlink(missing_ok=True)
+        (self.folder / PORTS_FILE).unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pushstream",
-                    "sandbox",
-                    *("--apns-port", "0", "--fcm-port", "0", "--wns-port", "0"),
-                    *("--admin-port", "0", "--folder", str(self.folder)),
-                ],
+                sandbox_argv(self.folder),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.ready_timeout
-        while not ports_file.exists():
+        while (listening := sandbox_listening(self.folder)) is None:
             if self.process.poll() is not None:
                 self._fail(f"the sandbox exited with status {self.process.returncode}")
             if time.monotonic() > deadline:
                 self.kill()
                 self._fail(f"the sandbox was not ready in {self.ready_timeout:.0f}s")
             time.sleep(0.1)
-        self.ports = {
-            name: port
-            for name, port in json.loads(ports_file.read_text()).items()
-            if isinstance(port, int)
-        }
-        self.env = parse_env((self.folder / ENV_FILE).read_text())
+        self.ports, self.env = listening
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait, return the exit status (SIGKILL and fail if it hangs)."""
@@ -135,22 +120,11 @@ class SandboxProcess:
         if self.process is not None and self.process.poll() is None:
             self.stop()
 
-    # --- the admin API ---------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        """Per platform: requests, token_requests, statuses, accepted, outage."""
-        result: dict[str, Any] = self._call("GET", "/stats")
-        return result
-
-    def accepted(self, platform: str) -> list[dict[str, Any]]:
-        """The pushes one stand-in accepted, oldest first."""
-        query = urllib.parse.urlencode({"platform": platform})
-        result: list[dict[str, Any]] = self._call("GET", f"/accepted?{query}")
-        return result
+    # --- the admin API (call, stats, accepted, wns_channel: SandboxAdmin) ------------
 
     def scenario(self, **change: Any) -> dict[str, Any]:
         """POST /scenario with these fields (see :mod:`pushstream.sandbox.main`)."""
-        result: dict[str, Any] = self._call("POST", "/scenario", change)
+        result: dict[str, Any] = self.call("POST", "/scenario", change)
         return result
 
     def outage(self, platform: str, *, on: bool, mode: str = "503") -> None:
@@ -159,29 +133,7 @@ class SandboxProcess:
 
     def reset(self) -> None:
         """Forget accepted pushes and counts; end every outage."""
-        self._call("POST", "/reset")
-
-    def wns_channel(
-        self, package: str = "Contoso.Sandbox", scenario: str = "ok"
-    ) -> str:
-        """A new channel URI of a WNS app the sandbox made."""
-        query = urllib.parse.urlencode({"package": package, "scenario": scenario})
-        uri: str = self._call("GET", f"/wns-channel?{query}")["uri"]
-        return uri
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        url = f"http://127.0.0.1:{self.ports['admin']}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        request.add_header("content-type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")
-            raise AssertionError(
-                f"sandbox {method} {path}: {exc.code} {detail}"
-            ) from None
+        self.call("POST", "/reset")
 
     # --- failing with the log ---------------------------------------------------------
 

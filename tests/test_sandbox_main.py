@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sandboxproc import SandboxProcess
 
 from pushstream.config import load_settings
+from pushstream.localstack import StackError
 from pushstream.sandbox.main import format_env, parse_env
 
 env_names = st.from_regex(r"PUSHSTREAM_[A-Z_]{1,20}", fullmatch=True)
@@ -86,9 +87,9 @@ def test_admin_api_switches_an_outage(sandbox: SandboxProcess) -> None:
 
 def test_admin_api_refuses_unknown_changes(sandbox: SandboxProcess) -> None:
     """A typo in a test's scenario would be ignored and the test pass for nothing."""
-    with pytest.raises(AssertionError, match="400"):
+    with pytest.raises(StackError, match="400"):
         sandbox.scenario(platform="fcm", settings={"no_such_knob": 1})
-    with pytest.raises(AssertionError, match="400"):
+    with pytest.raises(StackError, match="400"):
         sandbox.scenario(platform="gcm", outage=True)
 
 
