@@ -31,7 +31,8 @@ the run checks, from the deliveries topic and the sandbox's ``/accepted``:
   per-user copies) are counted apart; they are not a send's outcome.
 
 It prints a table and one JSON line. A measurement, not a test: it loads the
-machine for a few minutes per mode.
+machine for a few minutes per mode. The notifications' plan and the checks
+are :mod:`pushstream.chaos_audit`'s, which ``tests/test_chaos.py`` runs too.
 """
 
 from __future__ import annotations
@@ -43,23 +44,30 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pushstream import localkafka, localstack, topics
+from pushstream.chaos_audit import (
+    WORKER_INPUTS,
+    Audit,
+    Device,
+    Planned,
+    Population,
+    audit,
+    expected_sends,
+    plan,
+    registrations,
+)
 from pushstream.config import Settings, load_settings
 from pushstream.demo_sample import Apps
 from pushstream.events import Outcome, Platform
@@ -95,10 +103,6 @@ class Scenario:
     share: float
     outcome: Outcome
 
-    @property
-    def dead(self) -> bool:
-        return self.outcome == "invalid_token"
-
 
 SCENARIOS: dict[Platform, tuple[Scenario, ...]] = {
     "apns": (
@@ -118,45 +122,10 @@ SCENARIOS: dict[Platform, tuple[Scenario, ...]] = {
     ),
 }
 OK = Scenario("ok", 1.0, "delivered")
-AUDIENCE = 10  # users of an audience notification
 _APNS_PREFIX = {name: prefix for prefix, name in SCENARIO_PREFIXES.items()}
-_NID = re.compile(r"chaos-[0-9a-f]{6}-\d{6}")
 
 
 # --- the population (pure) ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    user_id: str
-    device_id: str
-    platform: Platform
-    app: str
-    token: str
-    scenario: Scenario
-
-    @property
-    def push_key(self) -> str:
-        """What the sandbox's accepted record names the device by."""
-        if self.platform == "wns":
-            return parse_qs(urlsplit(self.token).query)["token"][0]
-        return self.token
-
-
-@dataclass(frozen=True, slots=True)
-class Population:
-    devices: dict[str, tuple[Device, ...]]  # user id -> devices
-
-    @property
-    def once(self) -> list[str]:
-        """Users with a dead token: they get exactly one notification."""
-        return [u for u, ds in self.devices.items() if any(d.scenario.dead for d in ds)]
-
-    @property
-    def many(self) -> list[str]:
-        return [
-            u for u, ds in self.devices.items() if not any(d.scenario.dead for d in ds)
-        ]
 
 
 ChannelMaker = Callable[[str, str], str]
@@ -195,167 +164,10 @@ def build_population(
             app = rng.choice(apps.for_platform(platform))
             scenario = pick_scenario(platform, rng)
             token = make_token(platform, scenario, app, rng, channel)
-            mine.append(
-                Device(user, f"{user}-{platform}", platform, app, token, scenario)
-            )
+            device_id = f"{user}-{platform}"
+            mine.append(Device(user, device_id, platform, app, token, scenario.outcome))
         devices[user] = tuple(mine)
     return Population(devices)
-
-
-def registrations(population: Population) -> list[tuple[bytes, bytes]]:
-    at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    records = []
-    for user, devices in population.devices.items():
-        for d in devices:
-            event = {
-                "type": "register",
-                "user_id": user,
-                "device_id": d.device_id,
-                "platform": d.platform,
-                "token": d.token,
-                "app": d.app,
-                "event_time": at,
-            }
-            records.append((user.encode(), json.dumps(event).encode()))
-    return records
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """One notification: for one user (keyed by it), or for an audience."""
-
-    nid: str
-    users: tuple[str, ...]
-    audience: bool = False
-
-    @property
-    def key(self) -> bytes:
-        return (self.nid if self.audience else self.users[0]).encode()
-
-    @property
-    def value(self) -> bytes:
-        body: dict[str, Any] = {"id": self.nid, "title": "Chaos", "body": self.nid}
-        if self.audience:
-            body["audience"] = list(self.users)
-        return json.dumps(body | {"data": {"n": self.nid}}).encode()
-
-
-def plan(
-    population: Population, count: int, tag: str, audience_share: float
-) -> list[Planned]:
-    """The notifications in publishing order.
-
-    Each user with a dead token gets one; a share of the rest are for an
-    audience of :data:`AUDIENCE` users (the router splits those into one
-    copy per user, so a crash there repeats the copies).
-    """
-    rng = random.Random(tag)
-    once, many = population.once, population.many
-    planned = [Planned(f"chaos-{tag}-{i:06d}", (u,)) for i, u in enumerate(once)]
-    for i in range(len(planned), count):
-        nid = f"chaos-{tag}-{i:06d}"
-        if rng.random() < audience_share:
-            planned.append(Planned(nid, tuple(rng.sample(many, AUDIENCE)), True))
-        else:
-            planned.append(Planned(nid, (many[i % len(many)],)))
-    rng.shuffle(planned)
-    return planned
-
-
-def expected_sends(
-    population: Population, notifications: Iterable[Planned]
-) -> dict[str, Device]:
-    """send id -> its device, for every (notification, device) to reach."""
-    return {
-        f"{n.nid}:{d.device_id}": d
-        for n in notifications
-        for user in n.users
-        for d in population.devices[user]
-    }
-
-
-# --- the audit (pure) -----------------------------------------------------------------
-
-
-@dataclass
-class Audit:
-    """What the deliveries topic and the sandbox say about the expected sends."""
-
-    expected: int
-    outcomes: Counter[str] = field(default_factory=Counter)
-    missing: list[str] = field(default_factory=list)
-    conflicting: dict[str, list[str]] = field(default_factory=dict)
-    wrong: dict[str, tuple[str, str]] = field(default_factory=dict)
-    unexpected: int = 0
-    duplicate_records: int = 0
-    sends_with_duplicates: int = 0
-    rerouted: int = 0  # duplicates from a notification routed again
-    duplicate_reports: int = 0  # "duplicate": the router saw an id again
-    pushes_missing: list[str] = field(default_factory=list)
-    duplicate_pushes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not (
-            self.missing
-            or self.conflicting
-            or self.wrong
-            or self.unexpected
-            or self.pushes_missing
-        )
-
-
-def push_id(record: dict[str, Any]) -> tuple[str, str] | None:
-    """(device key, notification id) of a push the sandbox accepted."""
-    text = record.get("body") or json.dumps(record.get("message", {}))
-    found = _NID.search(text)
-    if found is None:
-        return None
-    key = record.get("channel") if record["platform"] == "wns" else record["token"]
-    return str(key), found.group(0)
-
-
-def audit(
-    expected: dict[str, Device],
-    deliveries: Iterable[dict[str, Any]],
-    accepted: Iterable[dict[str, Any]],
-) -> Audit:
-    result = Audit(len(expected))
-    by_send: dict[str, list[str]] = defaultdict(list)
-    routed: dict[str, set[int]] = defaultdict(set)
-    for delivery in deliveries:
-        send_id = delivery.get("send_id")
-        if delivery["outcome"] == "duplicate" and send_id in expected:
-            # Not an outcome of the send: the notification id came again (an
-            # audience split repeated after a crash) and was not sent again.
-            result.duplicate_reports += 1
-        elif send_id in expected:
-            by_send[send_id].append(delivery["outcome"])
-            routed[send_id].add(delivery["accepted_at_ms"])
-        else:
-            result.unexpected += 1
-    for send_id, device in expected.items():
-        seen = by_send.get(send_id)
-        if not seen:
-            result.missing.append(send_id)
-            continue
-        result.outcomes[seen[0]] += 1
-        if len(seen) > 1:
-            result.sends_with_duplicates += 1
-            result.duplicate_records += len(seen) - 1
-            result.rerouted += len(routed[send_id]) - 1
-        if len(set(seen)) > 1:
-            result.conflicting[send_id] = seen
-        elif seen[0] != device.scenario.outcome:
-            result.wrong[send_id] = (device.scenario.outcome, seen[0])
-
-    pushes = Counter(p for p in map(push_id, accepted) if p is not None)
-    result.duplicate_pushes = sum(n - 1 for n in pushes.values())
-    for send_id, device in expected.items():
-        nid = send_id.rpartition(":")[0]
-        if device.scenario.outcome == "delivered" and not pushes[device.push_key, nid]:
-            result.pushes_missing.append(send_id)
-    return result
 
 
 # --- outcomes as they arrive ----------------------------------------------------------
@@ -749,18 +561,6 @@ def log_lines(child: localstack.Child) -> int:
             return sum(1 for _ in log)
     except OSError:
         return 0
-
-
-WORKER_INPUTS = (
-    topics.REGISTRATIONS,
-    topics.TOKEN_EVENTS,
-    topics.TOKEN_OWNERS,
-    topics.NOTIFICATIONS,
-    topics.RETRIES,
-    "sends.apns",
-    "sends.fcm",
-    "sends.wns",
-)
 
 
 async def _produce(

@@ -3,8 +3,8 @@
 Short versions of ``bench/chaos.py``: users with one APNs, one FCM and one
 WNS device each (a few slow, throttled once, or dead), a few hundred
 notifications published while a real worker runs against the sandbox, and
-one act of chaos while outcomes flow. Then, from the deliveries topic and the
-sandbox's record of accepted pushes:
+one act of chaos while outcomes flow. Then :mod:`pushstream.chaos_audit`
+checks, from the deliveries topic and the sandbox's record of accepted pushes:
 
 - every (notification, device) has a final outcome: nothing is lost;
 - no send has two different outcomes, and each has the one its token's
@@ -16,19 +16,14 @@ sandbox's record of accepted pushes:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import random
-import re
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -36,6 +31,16 @@ from sandboxproc import SandboxProcess
 from workerproc import WorkerProcess, free_port, read_all, wait_consumed
 
 from pushstream import localkafka, topics
+from pushstream.chaos_audit import (
+    WORKER_INPUTS,
+    Device,
+    Planned,
+    Population,
+    audit,
+    expected_sends,
+    plan,
+    registrations,
+)
 from pushstream.config import Settings
 from pushstream.demo_sample import Apps
 from pushstream.events import Outcome, Platform
@@ -78,41 +83,19 @@ LIVE: tuple[tuple[Platform, str, Outcome], ...] = (
 ) * 2
 OK: tuple[Platform, str, Outcome] = ("apns", "ok", "delivered")
 APNS_PREFIX = {"ok": "e0", "slow": "1a7e0000", "unregistered": "dead0000"}
-NID = re.compile(r"chaos-[0-9a-f]{8}-\d{4}")
-
-
-@dataclass(frozen=True)
-class Device:
-    user_id: str
-    device_id: str
-    platform: Platform
-    app: str
-    token: str
-    outcome: Outcome
-
-    @property
-    def push_key(self) -> str:
-        """The name the sandbox's accepted record gives this device."""
-        if self.platform == "wns":
-            return parse_qs(urlsplit(self.token).query)["token"][0]
-        return self.token
 
 
 @dataclass
 class Workload:
     """Who is registered, what is published, and which sends must follow."""
 
-    devices: dict[str, list[Device]]
-    notifications: list[tuple[str, str]]  # (user id, notification id)
+    population: Population
+    notifications: list[Planned]
 
     @property
     def expected(self) -> dict[str, Device]:
         """send id -> device, for every (notification, device)."""
-        return {
-            f"{nid}:{d.device_id}": d
-            for user, nid in self.notifications
-            for d in self.devices[user]
-        }
+        return expected_sends(self.population, self.notifications)
 
 
 def token_for(platform: Platform, scenario: str, app: str, sandbox: Any) -> str:
@@ -130,50 +113,22 @@ def workload(sandbox: SandboxProcess) -> Workload:
     notification (so the sends never depend on when an invalidation lands)."""
     apps = Apps.from_env(sandbox.env)
     special = dict(enumerate(DEAD + LIVE))
-    devices: dict[str, list[Device]] = {}
+    devices: dict[str, tuple[Device, ...]] = {}
     for i in range(USERS):
         user = f"u{i:03d}"
-        devices[user] = []
+        mine = []
         for platform in PLATFORMS:
             kind = special.get(i)
             _, scenario, outcome = kind if kind and kind[0] == platform else OK
             app = apps.for_platform(platform)[0]
             token = token_for(platform, scenario, app, sandbox)
-            device = Device(user, f"{user}-{platform}", platform, app, token, outcome)
-            devices[user].append(device)
-
-    once = [f"u{i:03d}" for i in range(len(DEAD))]
-    many = [u for u in devices if u not in once]
-    users = once + [many[i % len(many)] for i in range(NOTIFICATIONS - len(once))]
-    random.Random(7).shuffle(users)
-    tag = uuid.uuid4().hex[:8]
-    return Workload(devices, [(u, f"chaos-{tag}-{n:04d}") for n, u in enumerate(users)])
-
-
-def registrations(load: Workload) -> list[tuple[bytes, bytes]]:
-    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    return [
-        (
-            d.user_id.encode(),
-            json.dumps(
-                {
-                    "type": "register",
-                    "user_id": d.user_id,
-                    "device_id": d.device_id,
-                    "platform": d.platform,
-                    "token": d.token,
-                    "app": d.app,
-                    "event_time": at,
-                }
-            ).encode(),
-        )
-        for ds in load.devices.values()
-        for d in ds
-    ]
-
-
-def notification(nid: str) -> bytes:
-    return json.dumps({"id": nid, "title": "Chaos", "body": f"ping {nid}"}).encode()
+            mine.append(
+                Device(user, f"{user}-{platform}", platform, app, token, outcome)
+            )
+        devices[user] = tuple(mine)
+    population = Population(devices)
+    notifications = plan(population, NOTIFICATIONS, uuid.uuid4().hex[:8])
+    return Workload(population, notifications)
 
 
 async def produce(
@@ -232,56 +187,22 @@ async def wait_for_outcomes(
         await asyncio.sleep(0.2)
 
 
-INPUTS = (
-    topics.REGISTRATIONS,
-    topics.TOKEN_EVENTS,
-    topics.TOKEN_OWNERS,
-    topics.NOTIFICATIONS,
-    topics.RETRIES,
-    "sends.apns",
-    "sends.fcm",
-    "sends.wns",
-)
-
-
-def push_ids(sandbox: SandboxProcess) -> Counter[tuple[str, str]]:
-    """(device, notification id) of every push the sandbox accepted, counted."""
-    pushes: Counter[tuple[str, str]] = Counter()
-    for platform in PLATFORMS:
-        for record in sandbox.accepted(platform):
-            found = NID.search(record.get("body") or json.dumps(record.get("message")))
-            key = record["channel"] if platform == "wns" else record["token"]
-            if found is not None:
-                pushes[key, found.group(0)] += 1
-    return pushes
-
-
 async def check_nothing_lost(
     settings: Settings, sandbox: SandboxProcess, load: Workload
 ) -> None:
     """Every send has one final outcome, the right one, and its push if delivered."""
     expected = load.expected
     await wait_for_outcomes(settings, expected, 1.0)
-    await wait_consumed(settings, INPUTS, within=OUTCOMES_WITHIN_S)
-    found = await outcomes(settings)
+    await wait_consumed(settings, WORKER_INPUTS, within=OUTCOMES_WITHIN_S)
+    records = await read_all(settings, settings.topic(topics.DELIVERIES))
+    accepted = [push for p in PLATFORMS for push in sandbox.accepted(p)]
 
-    missing = [s for s in expected if not found.get(s)]
-    conflicting = {s: found[s] for s in expected if len(set(found.get(s, ()))) > 1}
-    wrong = {
-        s: (d.outcome, found[s][0])
-        for s, d in expected.items()
-        if found.get(s) and found[s][0] != d.outcome
-    }
+    found = audit(expected, [r.value for r in records], accepted)
+
+    missing, unpushed = found.missing, found.pushes_missing
     assert not missing, f"{len(missing)} sends without an outcome: {missing[:5]}"
-    assert not conflicting, f"sends with different outcomes: {conflicting}"
-    assert not wrong, f"(expected, got): {wrong}"
-
-    pushes = push_ids(sandbox)
-    unpushed = [
-        s
-        for s, d in expected.items()
-        if d.outcome == "delivered" and not pushes[d.push_key, s.rpartition(":")[0]]
-    ]
+    assert not found.conflicting, f"sends with different outcomes: {found.conflicting}"
+    assert not found.wrong, f"(expected, got): {found.wrong}"
     assert not unpushed, f"delivered but never accepted: {unpushed[:5]}"
 
 
@@ -322,7 +243,7 @@ async def registered(
 ) -> Workload:
     """Register the workload's devices and wait until the worker applied them."""
     load = await asyncio.to_thread(workload, sandbox)
-    await produce(settings, topics.REGISTRATIONS, registrations(load))
+    await produce(settings, topics.REGISTRATIONS, registrations(load.population))
     await wait_consumed(
         settings, (topics.REGISTRATIONS, topics.TOKEN_OWNERS, topics.TOKEN_EVENTS)
     )
@@ -337,7 +258,7 @@ async def mid_flow(settings: Settings, load: Workload) -> None:
 
 
 def publishing(settings: Settings, load: Workload) -> asyncio.Task[None]:
-    records = [(u.encode(), notification(nid)) for u, nid in load.notifications]
+    records = [(n.key, n.value) for n in load.notifications]
     return asyncio.create_task(
         produce(settings, topics.NOTIFICATIONS, records, rate=PUBLISH_RATE)
     )
