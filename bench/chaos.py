@@ -525,7 +525,7 @@ class Chaos:
             await child.stop()
         if self.args.keep:
             return
-        await _delete_topics(self.settings)
+        await localstack.delete_topics(self.settings)
         if keep_logs:
             shutil.rmtree(self.folder / "worker", ignore_errors=True)
             print(f"logs kept in {self.folder}")
@@ -576,17 +576,6 @@ async def _produce(
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
-
-
-async def _delete_topics(settings: Settings) -> None:
-    admin = topics.admin_client(settings)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(settings.app_id)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 # --- printing -------------------------------------------------------------------------

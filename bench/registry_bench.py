@@ -42,7 +42,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pushstream import topics
+from pushstream import localstack, topics
 from pushstream.config import Settings
 
 T0 = "2026-01-01T00:00:00+00:00"
@@ -190,17 +190,6 @@ def free_port() -> int:
         return port
 
 
-async def delete_topics(settings: Settings) -> None:
-    admin = topics.admin_client(settings)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(settings.app_id)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=20_000)
@@ -261,7 +250,7 @@ def main() -> None:
         if worker.process is not None and worker.process.poll() is None:
             worker.process.kill()
         if not args.keep:
-            asyncio.run(delete_topics(settings))
+            asyncio.run(localstack.delete_topics(settings))
             shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(results, indent=2))
 

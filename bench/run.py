@@ -361,17 +361,6 @@ def bench_settings(tag: str) -> Settings:
     )
 
 
-async def delete_topics(settings: Settings) -> None:
-    admin = topics.admin_client(settings)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(settings.app_id)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 async def full_run(
     settings: Settings, args: argparse.Namespace, children: list[localstack.Child]
 ) -> dict[str, Any]:
@@ -601,7 +590,7 @@ async def main_async(settings: Settings, args: argparse.Namespace) -> dict[str, 
         for child in reversed(children):
             await child.stop()
         if not args.keep:
-            await delete_topics(settings)
+            await localstack.delete_topics(settings)
 
 
 def main() -> None:

@@ -430,3 +430,20 @@ async def wait_consumed(
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def delete_topics(settings: Settings) -> None:
+    """Delete a run's topics: every topic whose name starts with the app id.
+
+    That is the pushstream topics when the topic prefix begins with the app
+    id (as a run's own prefix does), and the tables' changelogs, which Faust
+    names after the app id.
+    """
+    admin = topics.admin_client(settings)
+    await admin.start()
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith(settings.app_id)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
