@@ -27,6 +27,7 @@ import yaml
 
 from pushstream import metrics
 from pushstream.config import Settings
+from pushstream.worker import STOP_MARGIN_S
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "pushstream"
@@ -219,19 +220,23 @@ def test_probes_grace_period_and_resources(name: str) -> None:
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
 
     timeout = float(config["PUSHSTREAM_SHUTDOWN_TIMEOUT_S"])
-    assert pod["terminationGracePeriodSeconds"] > timeout
+    assert pod["terminationGracePeriodSeconds"] > timeout + STOP_MARGIN_S
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
 
 
-def test_grace_period_at_or_below_the_shutdown_timeout_is_refused() -> None:
-    """A grace period shorter than the shutdown would SIGKILL workers mid-commit."""
+@pytest.mark.parametrize("grace", [10, 20, 25])
+def test_grace_period_not_above_the_longest_stop_is_refused(grace: int) -> None:
+    """A grace period shorter than the stop would SIGKILL workers mid-commit."""
     result = helm(
         "template",
         "ps",
         str(CHART),
         *_sets(
-            ["terminationGracePeriodSeconds=10", "config.shutdownTimeoutSeconds=20"]
+            [
+                f"terminationGracePeriodSeconds={grace}",
+                "config.shutdownTimeoutSeconds=20",
+            ]
         ),
         check=False,
     )

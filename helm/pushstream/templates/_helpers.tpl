@@ -44,15 +44,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* The pod's grace period: above the worker's shutdown timeout. */}}
+{{/* The pod's grace period: above the worker's shutdown timeout plus the
+5 s the worker allows itself past it before it exits on its own. */}}
 {{- define "pushstream.gracePeriod" -}}
 {{- $timeout := int .Values.config.shutdownTimeoutSeconds }}
 {{- $grace := int .Values.terminationGracePeriodSeconds }}
 {{- if eq $grace 0 }}
 {{- $grace = add $timeout 30 }}
 {{- end }}
-{{- if le $grace $timeout }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be above config.shutdownTimeoutSeconds (%d)" $grace $timeout) }}
+{{- if le $grace (add $timeout 5) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be above config.shutdownTimeoutSeconds + 5 (%d)" $grace (add $timeout 5)) }}
 {{- end }}
 {{- $grace }}
 {{- end }}
