@@ -279,8 +279,18 @@ class PipelineConsumer(faust_aiokafka.Consumer):
 
     def _interrupt(self) -> None:
         interrupted = self._interrupted
-        if interrupted is not None and not interrupted.done():
+        if interrupted is None or interrupted.done():
+            return
+        loop = interrupted.get_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
             interrupted.set_result(None)
+        elif not loop.is_closed():
+            # A crash can be reported from the consumer's own thread.
+            loop.call_soon_threadsafe(self._interrupt)
 
     async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:  # noqa: ASYNC109 (overrides mode)
         """The fetch loop's hand-off with one task; anything else as Faust does."""

@@ -8,6 +8,7 @@ takes (see :class:`pushstream.app.PipelineConsumerThread`).
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,25 @@ async def test_a_handoff_gives_its_result_or_its_error(tmp_path: Path) -> None:
     assert (result.results, result.stopped) == ([7], False)
     with pytest.raises(ValueError, match="refused"):
         await consumer.wait_first(handoff(-1), consumer.suspend_flow.wait())
+
+
+async def test_a_crash_reported_from_another_thread_ends_the_handoff(
+    tmp_path: Path,
+) -> None:
+    """The consumer's own thread may report a crash; the fetch loop must not hang."""
+    consumer = Pipeline(Settings(data_dir=tmp_path)).app.consumer
+    blocked = asyncio.Event()
+
+    async def handoff() -> None:
+        blocked.set()
+        await asyncio.Event().wait()
+
+    waiting = asyncio.create_task(
+        consumer.wait_first(handoff(), consumer.suspend_flow.wait())
+    )
+    await blocked.wait()
+    crash = threading.Thread(target=consumer._crash, args=(RuntimeError("thread"),))
+    crash.start()
+    crash.join()
+    result = await asyncio.wait_for(waiting, 5)
+    assert result.stopped
