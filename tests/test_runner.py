@@ -9,7 +9,6 @@ what the sandbox saw.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 import uuid
@@ -22,6 +21,7 @@ from conftest import Kafka, run_sync
 from sandboxproc import SandboxProcess
 from workerproc import Message, WorkerProcess, read_all, wait_for
 
+from pushstream import localstack
 from pushstream.config import Settings
 from pushstream.events import Notification, Platform, Send
 from pushstream.senders import apns, fcm, wns
@@ -161,18 +161,7 @@ def worker_environment(
     settings: Settings, sandbox: SandboxProcess, **extra: str
 ) -> dict[str, str]:
     """A worker's environment: these settings, the sandbox, small limits."""
-    return {
-        **os.environ,
-        **sandbox.env,
-        **WORKER_SETTINGS,
-        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "PUSHSTREAM_APP_ID": settings.app_id,
-        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
-        "PUSHSTREAM_PARTITIONS": str(settings.partitions),
-        "PUSHSTREAM_SEND_PARTITIONS": str(settings.send_partitions),
-        **extra,
-    }
+    return localstack.worker_env(settings, sandbox.env, **(WORKER_SETTINGS | extra))
 
 
 @pytest.fixture
@@ -453,6 +442,40 @@ async def wait_for_requests(sandbox: SandboxProcess, platform: str, count: int) 
 # --- shutdown ------------------------------------------------------------------------
 
 
+def apns_hangs_and_fcm_throttles(
+    sandbox: SandboxProcess, count: int
+) -> tuple[list[Send], Send]:
+    """Reset the sandbox, then APNs answers nothing and FCM throttles once, for 5 s.
+
+    Returns ``count`` APNs sends and one FCM send to meet them.
+    """
+    sandbox.reset()
+    sandbox.outage("apns", on=True, mode="no-answer")
+    sandbox.scenario(platform="fcm", settings={"quota_failures": 1, "retry_after_s": 5})
+    held = [make_send("apns", apns_token()) for _ in range(count)]
+    return held, make_send("fcm", fcm_token("quota"))
+
+
+async def publish_until_held(
+    kafka: Kafka,
+    settings: Settings,
+    sandbox: SandboxProcess,
+    held: list[Send],
+    retried: Send,
+) -> None:
+    """Publish the sends; return once an APNs request hangs and the FCM send
+    waits on the retries topic.
+
+    A new APNs connection allows one stream until a push succeeds, and that
+    one hangs: one request is in flight, the rest wait for it.
+    """
+    await publish(kafka, settings, *held, retried)
+    await wait_for_requests(sandbox, "apns", 1)
+    await wait_for(
+        settings, "retries", lambda rs: any(r.key == retried.send_id for r in rs)
+    )
+
+
 async def test_sigterm_hands_back_held_work_and_loses_nothing(
     kafka: Kafka,
     settings: Settings,
@@ -460,7 +483,6 @@ async def test_sigterm_hands_back_held_work_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
     """Stopping a worker mid-outage would fail, hang, or drop queued pushes."""
-    sandbox.reset()
     await kafka.create_topics(settings)
     env = worker_environment(
         settings,
@@ -468,19 +490,10 @@ async def test_sigterm_hands_back_held_work_and_loses_nothing(
         PUSHSTREAM_REQUEST_TIMEOUT_S="60",
         PUSHSTREAM_SHUTDOWN_TIMEOUT_S="4",
     )
-    sandbox.outage("apns", on=True, mode="no-answer")
-    sandbox.scenario(platform="fcm", settings={"quota_failures": 1, "retry_after_s": 5})
-    held = [make_send("apns", apns_token()) for _ in range(12)]
-    retried = make_send("fcm", fcm_token("quota"))
+    held, retried = apns_hangs_and_fcm_throttles(sandbox, 12)
 
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
-        await publish(kafka, settings, *held, retried)
-        # A new APNs connection allows one stream until a push succeeds, and
-        # that one hangs: one request is in flight, the rest wait for it.
-        await wait_for_requests(sandbox, "apns", 1)
-        await wait_for(
-            settings, "retries", lambda rs: any(r.key == retried.send_id for r in rs)
-        )
+        await publish_until_held(kafka, settings, sandbox, held, retried)
 
         assert worker.stop() == 0
         sandbox.outage("apns", on=False)
@@ -506,20 +519,12 @@ async def test_killed_worker_loses_nothing(
     tmp_path: Path,
 ) -> None:
     """A worker killed mid-batch would lose the pushes and retries it held."""
-    sandbox.reset()
     await kafka.create_topics(settings)
     env = worker_environment(settings, sandbox, PUSHSTREAM_REQUEST_TIMEOUT_S="60")
-    sandbox.outage("apns", on=True, mode="no-answer")
-    sandbox.scenario(platform="fcm", settings={"quota_failures": 1, "retry_after_s": 5})
-    held = [make_send("apns", apns_token()) for _ in range(6)]
-    retried = make_send("fcm", fcm_token("quota"))
+    held, retried = apns_hangs_and_fcm_throttles(sandbox, 6)
 
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
-        await publish(kafka, settings, *held, retried)
-        await wait_for_requests(sandbox, "apns", 1)
-        await wait_for(
-            settings, "retries", lambda rs: any(r.key == retried.send_id for r in rs)
-        )
+        await publish_until_held(kafka, settings, sandbox, held, retried)
 
         worker.kill()
         sandbox.outage("apns", on=False)
