@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import BaseModel
 
-from pushstream import localkafka, topics
+from pushstream import localkafka, localstack, topics
 from pushstream.config import Settings
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -248,16 +248,6 @@ def worker_env(settings: Settings) -> Callable[..., dict[str, str]]:
     ``settings``; keyword arguments add or replace variables."""
 
     def build(**extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PUSHSTREAM_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-            PUSHSTREAM_TOPIC_PREFIX=settings.topic_prefix,
-            PUSHSTREAM_APP_ID=settings.app_id,
-            PUSHSTREAM_DATA_DIR=str(settings.data_dir),
-            PUSHSTREAM_PARTITIONS=str(settings.partitions),
-            PUSHSTREAM_SEND_PARTITIONS=str(settings.send_partitions),
-        )
-        env.update(extra)
-        return env
+        return localstack.worker_env(settings, **extra)
 
     return build

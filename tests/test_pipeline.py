@@ -9,7 +9,6 @@ providers received.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 import urllib.request
@@ -32,7 +31,7 @@ from workerproc import (
     wait_for,
 )
 
-from pushstream import router, topics
+from pushstream import localstack, router, topics
 from pushstream.config import Settings
 
 pytestmark = pytest.mark.kafka
@@ -77,19 +76,13 @@ def settings(
 
 
 def environment(settings: Settings, sandbox: SandboxProcess) -> dict[str, str]:
-    return {
-        **os.environ,
-        **sandbox.env,
-        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "PUSHSTREAM_APP_ID": settings.app_id,
-        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
-        "PUSHSTREAM_PARTITIONS": str(settings.partitions),
-        "PUSHSTREAM_SEND_PARTITIONS": str(settings.send_partitions),
-        "PUSHSTREAM_SEND_BATCH_SIZE": "10",
-        "PUSHSTREAM_RETRY_BASE_S": "0.05",
-        "PUSHSTREAM_RETRY_MAX_S": "0.2",
-    }
+    return localstack.worker_env(
+        settings,
+        sandbox.env,
+        PUSHSTREAM_SEND_BATCH_SIZE="10",
+        PUSHSTREAM_RETRY_BASE_S="0.05",
+        PUSHSTREAM_RETRY_MAX_S="0.2",
+    )
 
 
 @pytest.fixture(scope="module")
