@@ -9,6 +9,9 @@ end of the session only if it started it.
 so tests share one broker without seeing each other's data; the test's topics
 (and Faust's internal ones, which start with the app id) are deleted
 afterwards unless ``PUSHSTREAM_TEST_KEEP_TOPICS=1``.
+
+``private_broker`` is a broker of the test's own, for tests that stop it; the
+shared one is never stopped.
 """
 
 from __future__ import annotations
@@ -199,6 +202,19 @@ def kafka() -> Iterator[Kafka]:
         yield Kafka(local.bootstrap, local, started_here=True)
     finally:
         localkafka.down(local)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[localkafka.LocalKafka]:
+    """A broker of this test's own (port, data folder): it may be stopped."""
+    broker = localkafka.LocalKafka.from_env(
+        port=localstack.free_port(), data_dir=tmp_path / "kafka"
+    )
+    localkafka.up(broker)
+    try:
+        yield broker
+    finally:
+        localkafka.down(broker)
 
 
 @dataclass(frozen=True)

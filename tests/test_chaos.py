@@ -16,7 +16,6 @@ checks, from the deliveries topic and the sandbox's record of accepted pushes:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections import defaultdict
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from sandboxproc import SandboxProcess
-from workerproc import WorkerProcess, free_port, read_all, wait_consumed
+from workerproc import WorkerProcess, read_all, wait_consumed
 
-from pushstream import localkafka, topics
+from pushstream import localkafka, localstack, topics
 from pushstream.chaos_audit import (
     WORKER_INPUTS,
     Device,
@@ -225,17 +224,7 @@ def stand_ins(sandbox: SandboxProcess) -> SandboxProcess:
 
 
 def environment(settings: Settings, sandbox: SandboxProcess) -> dict[str, str]:
-    return {
-        **os.environ,
-        **sandbox.env,
-        **WORKER_SETTINGS,
-        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "PUSHSTREAM_APP_ID": settings.app_id,
-        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
-        "PUSHSTREAM_PARTITIONS": str(settings.partitions),
-        "PUSHSTREAM_SEND_PARTITIONS": str(settings.send_partitions),
-    }
+    return localstack.worker_env(settings, sandbox.env, **WORKER_SETTINGS)
 
 
 async def registered(
@@ -299,19 +288,6 @@ async def test_sigterm_while_sending_exits_0_and_loses_nothing(
         await asyncio.to_thread(worker.start)
         await publisher
         await check_nothing_lost(settings, stand_ins, load)
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[localkafka.LocalKafka]:
-    """A broker of this test's own (port, data folder): it may be stopped."""
-    broker = localkafka.LocalKafka.from_env(
-        port=free_port(), data_dir=tmp_path / "kafka"
-    )
-    localkafka.up(broker)
-    try:
-        yield broker
-    finally:
-        localkafka.down(broker)
 
 
 async def test_broker_restart_the_worker_reconnects_and_loses_nothing(

@@ -8,8 +8,8 @@ must still exit within ``PUSHSTREAM_SHUTDOWN_TIMEOUT_S`` plus
 :data:`~pushstream.worker.EXIT_UNCLEAN_STOP` and one log line that says why,
 and whatever it had not committed must be done after a restart.
 
-The broker is a private one (``private_broker`` of ``test_chaos``), so it can
-be stopped; the shared broker is never touched.
+The broker is a private one (conftest's ``private_broker``), so it can be
+stopped; the shared broker is never touched.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ from pushstream.worker import EXIT_UNCLEAN_STOP, STOP_MARGIN_S, StopWatchdog
 if TYPE_CHECKING:
     from conftest import TestNames
 
-# test_chaos's fixtures, which the tests here name: a broker of their own that
-# may be stopped, and the sandbox (module-scoped, reset for each test).
-private_broker = test_chaos.private_broker
+# test_chaos's fixtures, which the tests here name: the sandbox (module-scoped,
+# reset for each test).
 sandbox = test_chaos.sandbox
 stand_ins = test_chaos.stand_ins
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import TestNames as Names
-from workerproc import WorkerProcess, free_port
+from workerproc import WorkerProcess
 
-from pushstream import localkafka, topics, web
+from pushstream import localkafka, localstack, topics, web
 from pushstream.config import Settings
 
 OUTAGE_DETECTED_WITHIN_S = 60.0
@@ -82,19 +80,6 @@ def test_a_worker_without_a_consumer_has_no_coordinator_to_miss() -> None:
 # --- a real worker and a broker of its own ---------------------------------------
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[localkafka.LocalKafka]:
-    """A broker of this test's own (port, data folder): it may be stopped."""
-    broker = localkafka.LocalKafka.from_env(
-        port=free_port(), data_dir=tmp_path / "kafka"
-    )
-    localkafka.up(broker)
-    try:
-        yield broker
-    finally:
-        localkafka.down(broker)
-
-
 def wait_for_status(
     worker: WorkerProcess, status: int, within: float
 ) -> dict[str, Any]:
@@ -111,26 +96,20 @@ def wait_for_status(
 
 @pytest.mark.kafka
 async def test_ready_answers_503_while_the_broker_is_down_and_200_after(
-    names: Names, own_broker: localkafka.LocalKafka, tmp_path: Path
+    names: Names, private_broker: localkafka.LocalKafka, tmp_path: Path
 ) -> None:
     """Kubernetes would route to a worker cut off from Kafka; the log would flood."""
     settings = Settings(
-        kafka_bootstrap=own_broker.bootstrap,
+        kafka_bootstrap=private_broker.bootstrap,
         topic_prefix=names.topic_prefix,
         app_id=names.app_id,
         data_dir=tmp_path / "worker",
     )
     assert (await topics.ensure_topics(settings)).ok
-    env = {
-        **os.environ,
-        "PUSHSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "PUSHSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "PUSHSTREAM_APP_ID": settings.app_id,
-        "PUSHSTREAM_DATA_DIR": str(settings.data_dir),
-    }
+    env = localstack.worker_env(settings)
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
         before = len(worker.log().splitlines())
-        await asyncio.to_thread(localkafka.down, own_broker)
+        await asyncio.to_thread(localkafka.down, private_broker)
         outage_started = time.monotonic()
         body = await asyncio.to_thread(
             wait_for_status, worker, 503, OUTAGE_DETECTED_WITHIN_S
@@ -140,7 +119,7 @@ async def test_ready_answers_503_while_the_broker_is_down_and_200_after(
         await asyncio.sleep(max(0.0, 20 - (time.monotonic() - outage_started)))
         during = worker.log().splitlines()[before:]
 
-        await asyncio.to_thread(localkafka.up, own_broker)
+        await asyncio.to_thread(localkafka.up, private_broker)
         body = await asyncio.to_thread(wait_for_status, worker, 200, RECOVERED_WITHIN_S)
         assert body["reason"] == "ok"
         assert worker.running
