@@ -10,8 +10,9 @@ so tests share one broker without seeing each other's data; the test's topics
 (and Faust's internal ones, which start with the app id) are deleted
 afterwards unless ``PUSHSTREAM_TEST_KEEP_TOPICS=1``.
 
-``private_broker`` is a broker of the test's own, for tests that stop it; the
-shared one is never stopped.
+A module whose tests share one worker makes its topics with
+:func:`module_topics`. ``private_broker`` is a broker of the test's own, for
+tests that stop it; the shared one is never stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,6 +241,30 @@ def names(request: pytest.FixtureRequest, kafka: Kafka) -> Iterator[TestNames]:
     yield TestNames(app_id=app_id, topic_prefix=f"{app_id}.")
     if os.environ.get("PUSHSTREAM_TEST_KEEP_TOPICS") != "1":
         run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+
+
+@contextmanager
+def module_topics(
+    kafka: Kafka, folder: Path, name: str, **fields: Any
+) -> Iterator[Settings]:
+    """Settings of a worker a module's tests share: an app id and topic prefix
+    of their own starting with ``t-NAME-``, data in ``folder/worker``, and
+    ``fields``. The topics are created now and deleted at the end unless
+    ``PUSHSTREAM_TEST_KEEP_TOPICS=1``."""
+    app_id = f"t-{name}-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        kafka_bootstrap=kafka.bootstrap,
+        topic_prefix=f"{app_id}.",
+        app_id=app_id,
+        data_dir=folder / "worker",
+        **fields,
+    )
+    run_sync(lambda: kafka.create_topics(settings))
+    try:
+        yield settings
+    finally:
+        if os.environ.get("PUSHSTREAM_TEST_KEEP_TOPICS") != "1":
+            run_sync(lambda: kafka.delete_topics_starting_with(app_id))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ scraped text are then searched for tokens and secrets.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 import uuid
@@ -22,12 +21,12 @@ from typing import Any
 
 import faust
 import pytest
-from conftest import Kafka, run_sync
+from conftest import Kafka, module_topics, run_sync
 from prometheus_client.parser import text_string_to_metric_families
 from sandboxproc import SandboxProcess
 from workerproc import WorkerProcess, wait_consumed
 
-from pushstream import metrics, topics, web
+from pushstream import localstack, metrics, topics, web
 from pushstream.config import FcmProject, Settings, WnsApp
 from pushstream.events import Delivery
 
@@ -393,33 +392,20 @@ def _wait_for(check: Any, port: int, within: float = 60.0) -> Samples:
 @pytest.fixture(scope="module")
 def run(kafka: Kafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     """One worker and one sandbox; a known mix of events; scrapes around it."""
-    app_id = f"t-metrics-{uuid.uuid4().hex[:8]}"
-    folder: Path = tmp_path_factory.mktemp("metrics")
-    settings = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=f"{app_id}.",
-        app_id=app_id,
-        data_dir=folder / "worker",
-    )
-    run_sync(lambda: kafka.create_topics(settings))
-    try:
-        with SandboxProcess(folder / "sandbox") as sandbox:
-            yield _run(kafka, settings, sandbox, folder)
-    finally:
-        if os.environ.get("PUSHSTREAM_TEST_KEEP_TOPICS") != "1":
-            run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+    folder = tmp_path_factory.mktemp("metrics")
+    with (
+        module_topics(kafka, folder, "metrics") as settings,
+        SandboxProcess(folder / "sandbox") as sandbox,
+    ):
+        yield _run(kafka, settings, sandbox, folder)
 
 
 def _run(
     kafka: Kafka, settings: Settings, sandbox: SandboxProcess, folder: Path
 ) -> Run:
-    env = dict(os.environ)
-    env.update(sandbox.env)
-    env.update(
-        PUSHSTREAM_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        PUSHSTREAM_TOPIC_PREFIX=settings.topic_prefix,
-        PUSHSTREAM_APP_ID=settings.app_id,
-        PUSHSTREAM_DATA_DIR=str(settings.data_dir),
+    env = localstack.worker_env(
+        settings,
+        sandbox.env,
         PUSHSTREAM_LOG_LEVEL="DEBUG",
         PUSHSTREAM_LOG_JSON="true",
         PUSHSTREAM_RETRY_MAX_ATTEMPTS="2",

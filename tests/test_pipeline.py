@@ -16,11 +16,10 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Kafka, encode_value, run_sync
+from conftest import Kafka, encode_value, module_topics
 from sandboxproc import SandboxProcess
 from workerproc import (
     Message,
@@ -58,21 +57,9 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess
 def settings(
     kafka: Kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
-    app_id = f"t-pipeline-{uuid.uuid4().hex[:8]}"
-    folder: Path = tmp_path_factory.mktemp("pipeline")
-    settings = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=f"{app_id}.",
-        app_id=app_id,
-        data_dir=folder / "data",
-        partitions=2,
-        send_partitions=2,
-    )
-    run_sync(lambda: kafka.create_topics(settings))
-    try:
-        yield settings
-    finally:
-        run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+    folder = tmp_path_factory.mktemp("pipeline")
+    with module_topics(kafka, folder, "pipeline", partitions=2, send_partitions=2) as s:
+        yield s
 
 
 def environment(settings: Settings, sandbox: SandboxProcess) -> dict[str, str]:

@@ -9,20 +9,18 @@ effect is in Kafka), and reads sends, deliveries and dead letters back.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka.partitioner import murmur2
-from conftest import Kafka, run_sync
+from conftest import Kafka, module_topics
 from workerproc import Message, WorkerProcess, read_all, wait_consumed
 
-from pushstream import router, topics
+from pushstream import localstack, router, topics
 from pushstream.config import Settings
 from pushstream.events import device_id_for_token
 
@@ -154,33 +152,14 @@ def pipeline(
     kafka: Kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
     """One worker with the router for the whole module; its topics go afterwards."""
-    app_id = f"t-router-{uuid.uuid4().hex[:8]}"
-    folder: Path = tmp_path_factory.mktemp("router")
-    settings = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=f"{app_id}.",
-        app_id=app_id,
-        data_dir=folder / "worker",
-        partitions=PARTITIONS,
-    )
-    run_sync(lambda: kafka.create_topics(settings))
-    env = dict(os.environ)
-    env.update(
-        PUSHSTREAM_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        PUSHSTREAM_TOPIC_PREFIX=settings.topic_prefix,
-        PUSHSTREAM_APP_ID=settings.app_id,
-        PUSHSTREAM_DATA_DIR=str(settings.data_dir),
-        PUSHSTREAM_PARTITIONS=str(PARTITIONS),
-        PUSHSTREAM_SEND_PARTITIONS=str(settings.send_partitions),
-        PUSHSTREAM_DEDUP_WINDOW_S=str(DEDUP_WINDOW_S),
-    )
-    try:
+    folder = tmp_path_factory.mktemp("router")
+    with module_topics(kafka, folder, "router", partitions=PARTITIONS) as settings:
+        env = localstack.worker_env(
+            settings, PUSHSTREAM_DEDUP_WINDOW_S=str(DEDUP_WINDOW_S)
+        )
         with WorkerProcess(env, log_path=folder / "worker.log") as worker:
             yield Pipeline(kafka, settings)
             assert worker.stop() == 0
-    finally:
-        if os.environ.get("PUSHSTREAM_TEST_KEEP_TOPICS") != "1":
-            run_sync(lambda: kafka.delete_topics_starting_with(app_id))
 
 
 def unique(name: str) -> str:

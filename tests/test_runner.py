@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Kafka, run_sync
+from conftest import Kafka, module_topics
 from sandboxproc import SandboxProcess
 from workerproc import Message, WorkerProcess, read_all, wait_for
 
@@ -138,23 +138,11 @@ def shared(
     kafka: Kafka, sandbox: SandboxProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Settings, WorkerProcess]]:
     """A worker on its own topics, pointed at the sandbox."""
-    app_id = f"t-runner-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp("worker")
-    settings = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=f"{app_id}.",
-        app_id=app_id,
-        data_dir=folder / "data",
-        partitions=2,
-        send_partitions=2,
-    )
-    run_sync(lambda: kafka.create_topics(settings))
-    env = worker_environment(settings, sandbox)
-    try:
+    with module_topics(kafka, folder, "runner", partitions=2, send_partitions=2) as s:
+        env = worker_environment(s, sandbox)
         with WorkerProcess(env, log_path=folder / "worker.log") as worker:
-            yield settings, worker
-    finally:
-        run_sync(lambda: kafka.delete_topics_starting_with(app_id))
+            yield s, worker
 
 
 def worker_environment(
