@@ -81,6 +81,14 @@ def token_problem(platform: Platform, token: str) -> str | None:
     return None
 
 
+def check_token(platform: Platform, token: str) -> None:
+    """Raise ValueError ("malformed token: ...") when :func:`token_problem`
+    finds the token's shape wrong; for the models' validators."""
+    problem = token_problem(platform, token)
+    if problem:
+        raise ValueError(f"malformed token: {problem}")
+
+
 def normalize_token(platform: Platform, token: str) -> str:
     """Return the canonical form of a token (APNs hex is lower-cased)."""
     return token.lower() if platform == "apns" else token
@@ -230,9 +238,7 @@ class Register(_Input):
 
     @model_validator(mode="after")
     def _token_shape(self) -> Register:
-        problem = token_problem(self.platform, self.token)
-        if problem:
-            raise ValueError(f"malformed token: {problem}")
+        check_token(self.platform, self.token)
         return self
 
 
@@ -332,9 +338,7 @@ class RawTarget(_Input):
 
     @model_validator(mode="after")
     def _token_shape(self) -> RawTarget:
-        problem = token_problem(self.platform, self.token)
-        if problem:
-            raise ValueError(f"malformed token: {problem}")
+        check_token(self.platform, self.token)
         return self
 
 
