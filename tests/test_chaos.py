@@ -19,10 +19,10 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from conftest import Kafka, TestNames
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
+T = TypeVar("T")
 
 USERS = 40
 NOTIFICATIONS = 300
@@ -253,6 +254,27 @@ def publishing(settings: Settings, load: Workload) -> asyncio.Task[None]:
     )
 
 
+async def restarted_mid_flow(
+    settings: Settings,
+    sandbox: SandboxProcess,
+    tmp_path: Path,
+    interrupt: Callable[[WorkerProcess], T],
+) -> T:
+    """Publish a workload, ``interrupt`` the worker once outcomes flow, start it
+    again and check that nothing is lost; what ``interrupt`` returned."""
+    env = environment(settings, sandbox)
+    with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
+        load = await registered(settings, sandbox, worker)
+        publisher = publishing(settings, load)
+        await mid_flow(settings, load)
+        interrupted = await asyncio.to_thread(interrupt, worker)
+
+        await asyncio.to_thread(worker.start)
+        await publisher
+        await check_nothing_lost(settings, sandbox, load)
+    return interrupted
+
+
 # --- the tests ------------------------------------------------------------------------
 
 
@@ -261,16 +283,7 @@ async def test_kill_9_while_sending_loses_nothing(
 ) -> None:
     """A worker killed mid-flow would lose pushes or report a send two ways."""
     await kafka.create_topics(settings)
-    env = environment(settings, stand_ins)
-    with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
-        load = await registered(settings, stand_ins, worker)
-        publisher = publishing(settings, load)
-        await mid_flow(settings, load)
-        worker.kill()
-
-        await asyncio.to_thread(worker.start)
-        await publisher
-        await check_nothing_lost(settings, stand_ins, load)
+    await restarted_mid_flow(settings, stand_ins, tmp_path, WorkerProcess.kill)
 
 
 async def test_sigterm_while_sending_exits_0_and_loses_nothing(
@@ -278,16 +291,8 @@ async def test_sigterm_while_sending_exits_0_and_loses_nothing(
 ) -> None:
     """Stopping a worker mid-flow (a deploy) would fail, hang, or lose pushes."""
     await kafka.create_topics(settings)
-    env = environment(settings, stand_ins)
-    with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
-        load = await registered(settings, stand_ins, worker)
-        publisher = publishing(settings, load)
-        await mid_flow(settings, load)
-        assert await asyncio.to_thread(worker.stop) == 0
-
-        await asyncio.to_thread(worker.start)
-        await publisher
-        await check_nothing_lost(settings, stand_ins, load)
+    status = await restarted_mid_flow(settings, stand_ins, tmp_path, WorkerProcess.stop)
+    assert status == 0
 
 
 async def test_broker_restart_the_worker_reconnects_and_loses_nothing(
