@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,8 +51,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pushstream import topics
+from pushstream import localstack, topics
 from pushstream.config import Settings
+from pushstream.localstack import free_port
 
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0
@@ -66,14 +66,6 @@ WORKER_INPUTS = (
     topics.TOKEN_EVENTS,
     topics.TOKEN_OWNERS,
 )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class WorkerProcess:
@@ -224,46 +216,12 @@ async def wait_consumed(
     *,
     within: float = CONSUMED_TIMEOUT_S,
 ) -> None:
-    """Wait until the worker's group has committed every record of ``names``.
-
-    Committed offsets are read before end offsets, so when they are equal
-    nothing was in flight: every event was handled and what it published is
-    in Kafka (outputs to these same topics included).
-    """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    admin = topics.admin_client(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    await consumer.start()
+    """Wait until the worker's group has committed every record of ``names``
+    (see :func:`pushstream.localstack.wait_consumed`); fail the test otherwise."""
     try:
-        described = await admin.describe_topics([settings.topic(n) for n in names])
-        tps = [
-            TopicPartition(t["topic"], p["partition"])
-            for t in described
-            for p in t["partitions"]
-        ]
-        deadline = time.monotonic() + within
-        behind: dict[TopicPartition, tuple[int, int]] = {}
-        while time.monotonic() < deadline:
-            committed = await admin.list_consumer_group_offsets(settings.app_id)
-            ends = await consumer.end_offsets(tps)
-            behind = {}
-            for tp in tps:
-                done = committed[tp].offset if tp in committed else 0
-                if max(done, 0) < ends[tp]:
-                    behind[tp] = (done, ends[tp])
-            if not behind:
-                return
-            await asyncio.sleep(0.25)
-        lag = ", ".join(
-            f"{tp.topic}[{tp.partition}] {done}/{end}"
-            for tp, (done, end) in sorted(behind.items())
-        )
-        pytest.fail(f"the worker did not consume everything within {within}s: {lag}")
-    finally:
-        await consumer.stop()
-        await admin.close()
+        await localstack.wait_consumed(settings, names, within=within)
+    except localstack.StackError as exc:
+        pytest.fail(f"the worker did not consume everything: {exc}")
 
 
 @dataclass(frozen=True)
