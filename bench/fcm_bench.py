@@ -41,7 +41,6 @@ from pushstream.config import FcmProject
 from pushstream.events import Send
 from pushstream.sandbox.certs import ensure_certs
 from pushstream.sandbox.fcm import FcmSandbox
-from pushstream.sandbox.server import SandboxServer
 from pushstream.senders import fcm
 from pushstream.senders.oauth import GoogleTokenSource
 
@@ -55,9 +54,7 @@ def serve(folder: str, queue: Any) -> None:
     async def run() -> None:
         certs = ensure_certs(folder)
         sandbox = FcmSandbox(record=False)
-        server = SandboxServer(
-            "127.0.0.1", 0, certs.server_ssl_context(), sandbox.handle, name="fcm"
-        )
+        server = sandbox.server(certs)
         await server.start()
         sandbox.base_url = f"https://127.0.0.1:{server.port}"
         values = sandbox.make_credentials(Path(folder) / "creds", projects=[PROJECT])

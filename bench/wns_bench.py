@@ -27,7 +27,6 @@ from client_send import run_clients, sandbox_process, time_sends, typical_send
 from pushstream.config import load_settings
 from pushstream.events import Send
 from pushstream.sandbox.certs import ensure_certs
-from pushstream.sandbox.server import SandboxServer
 from pushstream.sandbox.wns import WnsSandbox
 from pushstream.senders import wns
 
@@ -40,14 +39,7 @@ def serve(folder: str, queue: Any) -> None:
     async def run() -> None:
         certs = ensure_certs(folder)
         sandbox = WnsSandbox()
-        server = SandboxServer(
-            "127.0.0.1",
-            0,
-            certs.server_ssl_context(alpn=("http/1.1",)),
-            sandbox.handle,
-            protocols=("http/1.1",),
-            name="wns",
-        )
+        server = sandbox.server(certs)
         await server.start()
         sandbox.base_url = f"https://127.0.0.1:{server.port}"
         env = sandbox.make_credentials(Path(folder) / "creds")

@@ -83,9 +83,7 @@ async def env(
     certs: SandboxCerts, key_folder: Path, accounts: dict[str, ServiceAccount]
 ) -> AsyncIterator[Env]:
     sandbox = FcmSandbox()
-    server = SandboxServer(
-        "127.0.0.1", 0, certs.server_ssl_context(), sandbox.handle, name="fcm"
-    )
+    server = sandbox.server(certs)
     await server.start()
     sandbox.base_url = f"https://127.0.0.1:{server.port}"
     values = sandbox.make_credentials(key_folder, projects=PROJECTS)

@@ -48,14 +48,7 @@ class Rig:
 
 async def start_sandbox(certs: SandboxCerts, **options: Any) -> SandboxServer:
     sandbox = WnsSandbox(**options)
-    server = SandboxServer(
-        "127.0.0.1",
-        0,
-        certs.server_ssl_context(alpn=("http/1.1",)),
-        sandbox.handle,
-        protocols=("http/1.1",),
-        name="wns",
-    )
+    server = sandbox.server(certs)
     await server.start()
     sandbox.base_url = f"https://127.0.0.1:{server.port}"
     return server
@@ -449,14 +442,7 @@ async def test_sends_share_a_bounded_set_of_kept_alive_connections(
             connections.add(req.conn)
         return await sandbox.handle(req)
 
-    server = SandboxServer(
-        "127.0.0.1",
-        0,
-        certs.server_ssl_context(alpn=("http/1.1",)),
-        handle,
-        protocols=("http/1.1",),
-        name="wns",
-    )
+    server = sandbox.server(certs, handler=handle)
     await server.start()
     sandbox.base_url = f"https://127.0.0.1:{server.port}"
     settings, _ = settings_for(

@@ -69,6 +69,7 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from pushstream.sandbox.certs import SandboxCerts
 from pushstream.sandbox.fcm_answers import (
     SCENARIO_ANSWERS,
     Refusal,
@@ -86,7 +87,7 @@ from pushstream.sandbox.fcm_oauth import (
     grant_token,
     write_key_file,
 )
-from pushstream.sandbox.server import Request, Response
+from pushstream.sandbox.server import Request, Response, SandboxServer
 
 DEFAULT_PROJECTS = ("sandbox-project", "sandbox-project-2")
 MAX_ACCEPTED = 100_000  # records kept; older ones are dropped first
@@ -208,6 +209,15 @@ class FcmSandbox:
         for token in live:
             token.expires_at = now
         return len(live)
+
+    def server(
+        self, certs: SandboxCerts, host: str = "127.0.0.1", port: int = 0
+    ) -> SandboxServer:
+        """A :class:`SandboxServer` for this stand-in, offering HTTP/2 and
+        HTTP/1.1 as FCM does (not started yet)."""
+        return SandboxServer(
+            host, port, certs.server_ssl_context(), self.handle, name="fcm"
+        )
 
     # --- requests ------------------------------------------------------------------
 

@@ -196,21 +196,8 @@ class Sandbox:
         self.stand_ins = {"apns": apns, "fcm": fcm, "wns": wns}
         servers = {
             "apns": apns.server(options.host, options.apns_port),
-            "fcm": SandboxServer(
-                options.host,
-                options.fcm_port,
-                certs.server_ssl_context(alpn=("h2", "http/1.1")),
-                fcm.handle,
-                name="fcm",
-            ),
-            "wns": SandboxServer(
-                options.host,
-                options.wns_port,
-                certs.server_ssl_context(alpn=("http/1.1",)),
-                wns.handle,
-                protocols=("http/1.1",),
-                name="wns",
-            ),
+            "fcm": fcm.server(certs, options.host, options.fcm_port),
+            "wns": wns.server(certs, options.host, options.wns_port),
         }
         try:
             for platform, server in servers.items():

@@ -78,7 +78,8 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.etree import ElementTree
 
-from pushstream.sandbox.server import Request, Response
+from pushstream.sandbox.certs import SandboxCerts
+from pushstream.sandbox.server import Handler, Request, Response, SandboxServer
 
 SCENARIOS = (
     "ok",
@@ -254,6 +255,25 @@ class WnsSandbox:
                 token.expires_at = now
                 ended += 1
         return ended
+
+    def server(
+        self,
+        certs: SandboxCerts,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        handler: Handler | None = None,
+    ) -> SandboxServer:
+        """A :class:`SandboxServer` for this stand-in over TLS and HTTP/1.1, as
+        WNS speaks (not started yet); ``handler`` replaces :meth:`handle`."""
+        return SandboxServer(
+            host,
+            port,
+            certs.server_ssl_context(alpn=("http/1.1",)),
+            handler or self.handle,
+            protocols=("http/1.1",),
+            name="wns",
+        )
 
     # --- requests ----------------------------------------------------------------
 
