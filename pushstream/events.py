@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -550,15 +550,7 @@ Outcome = Literal[
     "rejected",
     "duplicate",
 ]
-OUTCOMES: tuple[Outcome, ...] = (
-    "delivered",
-    "invalid_token",
-    "failed",
-    "expired",
-    "dropped",
-    "rejected",
-    "duplicate",
-)
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 
 class Delivery(_Output):
