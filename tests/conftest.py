@@ -12,7 +12,9 @@ afterwards unless ``PUSHSTREAM_TEST_KEEP_TOPICS=1``.
 
 A module whose tests share one worker makes its topics with
 :func:`module_topics`. ``private_broker`` is a broker of the test's own, for
-tests that stop it; the shared one is never stopped.
+tests that stop it (the shared one is never stopped), and ``private_settings``
+the test's settings on it. ``sandbox`` is a ``pushstream sandbox`` process
+shared by a module's tests.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 
 import pytest
 from pydantic import BaseModel
+from sandboxproc import SandboxProcess
 
 from pushstream import localkafka, localstack, topics
 from pushstream.config import Settings
@@ -273,15 +276,37 @@ def prefix(names: TestNames) -> TestNames:
     return names
 
 
-@pytest.fixture
-def settings(kafka: Kafka, names: TestNames, tmp_path: Path) -> Settings:
-    """Settings for this test: its broker, topic prefix, app id and data folder."""
+def settings_on(bootstrap: str, names: TestNames, tmp_path: Path) -> Settings:
+    """Settings for a test: a broker, its topic prefix, app id and data folder."""
     return Settings(
-        kafka_bootstrap=kafka.bootstrap,
+        kafka_bootstrap=bootstrap,
         topic_prefix=names.topic_prefix,
         app_id=names.app_id,
         data_dir=tmp_path / "worker",
     )
+
+
+@pytest.fixture
+def settings(kafka: Kafka, names: TestNames, tmp_path: Path) -> Settings:
+    """Settings for this test on the shared broker."""
+    return settings_on(kafka.bootstrap, names, tmp_path)
+
+
+@pytest.fixture
+async def private_settings(
+    private_broker: localkafka.LocalKafka, names: TestNames, tmp_path: Path
+) -> Settings:
+    """Settings for this test on its private broker, with the topics made."""
+    settings = settings_on(private_broker.bootstrap, names, tmp_path)
+    assert (await topics.ensure_topics(settings)).ok
+    return settings
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    """A ``pushstream sandbox`` process for the module's tests."""
+    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
+        yield process
 
 
 @pytest.fixture

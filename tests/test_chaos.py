@@ -19,7 +19,7 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,7 +45,7 @@ from pushstream.demo_sample import Apps
 from pushstream.events import Outcome, Platform
 
 if TYPE_CHECKING:
-    from conftest import Kafka, TestNames
+    from conftest import Kafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 T = TypeVar("T")
@@ -209,12 +209,6 @@ async def check_nothing_lost(
 # --- set-up ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
-    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
-        yield process
-
-
 @pytest.fixture
 def stand_ins(sandbox: SandboxProcess) -> SandboxProcess:
     """The sandbox, reset, with quick slow answers and one 429 per quota token."""
@@ -296,19 +290,13 @@ async def test_sigterm_while_sending_exits_0_and_loses_nothing(
 
 
 async def test_broker_restart_the_worker_reconnects_and_loses_nothing(
-    names: TestNames,
     private_broker: localkafka.LocalKafka,
+    private_settings: Settings,
     stand_ins: SandboxProcess,
     tmp_path: Path,
 ) -> None:
     """A broker restart would kill the worker, stall it, or lose pushes."""
-    settings = Settings(
-        kafka_bootstrap=private_broker.bootstrap,
-        topic_prefix=names.topic_prefix,
-        app_id=names.app_id,
-        data_dir=tmp_path / "worker",
-    )
-    assert (await topics.ensure_topics(settings)).ok
+    settings = private_settings
     env = environment(settings, stand_ins)
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
         load = await registered(settings, stand_ins, worker)

@@ -48,12 +48,6 @@ def now_ms() -> int:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
-    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
 def settings(
     kafka: Kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:

@@ -128,12 +128,6 @@ async def deliveries_of(
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
-    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
 def shared(
     kafka: Kafka, sandbox: SandboxProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Settings, WorkerProcess]]:

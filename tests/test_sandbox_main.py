@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -43,12 +42,6 @@ def test_env_file_is_shell_syntax(tmp_path: Path) -> None:
     )
 
     assert shown.stdout == '[{"project_id": "a b"}]'
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
-    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
-        yield process
 
 
 def test_env_file_configures_every_provider(sandbox: SandboxProcess) -> None:

@@ -33,16 +33,14 @@ from test_chaos import (
 )
 from workerproc import WorkerProcess
 
-from pushstream import localkafka, topics
+from pushstream import localkafka
 from pushstream.config import Settings
 from pushstream.worker import EXIT_UNCLEAN_STOP, STOP_MARGIN_S, StopWatchdog
 
 if TYPE_CHECKING:
-    from conftest import TestNames
+    pass
 
-# test_chaos's fixtures, which the tests here name: the sandbox (module-scoped,
-# reset for each test).
-sandbox = test_chaos.sandbox
+# test_chaos's fixture, which the test here names: conftest's sandbox, reset.
 stand_ins = test_chaos.stand_ins
 
 SHUTDOWN_TIMEOUT_S = 4.0
@@ -51,18 +49,6 @@ EXIT_SLACK_S = 2.0
 BOUND_S = SHUTDOWN_TIMEOUT_S + STOP_MARGIN_S + EXIT_SLACK_S
 LAST_LINE = f"did not stop within {SHUTDOWN_TIMEOUT_S + STOP_MARGIN_S:g}s of SIGTERM"
 AT_LEAST_ONCE = "read again after a restart (at least once)"
-
-
-def private_settings(
-    broker: localkafka.LocalKafka, names: TestNames, tmp_path: Path
-) -> Settings:
-    return Settings(
-        kafka_bootstrap=broker.bootstrap,
-        topic_prefix=names.topic_prefix,
-        app_id=names.app_id,
-        data_dir=tmp_path / "worker",
-        shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
-    )
 
 
 def worker_env(settings: Settings, sandbox: SandboxProcess) -> dict[str, str]:
@@ -85,14 +71,13 @@ def stop_timed(worker: WorkerProcess) -> tuple[int, float]:
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
 async def test_sigterm_mid_flow_while_the_broker_is_gone_exits_and_loses_nothing(
-    names: TestNames,
     private_broker: localkafka.LocalKafka,
+    private_settings: Settings,
     stand_ins: SandboxProcess,
     tmp_path: Path,
 ) -> None:
     """A worker stopped mid-flow without a broker would hang, or lose pushes."""
-    settings = private_settings(private_broker, names, tmp_path)
-    assert (await topics.ensure_topics(settings)).ok
+    settings = private_settings
     env = worker_env(settings, stand_ins)
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
         load = await registered(settings, stand_ins, worker)

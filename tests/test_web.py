@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TestNames as Names
 from workerproc import WorkerProcess
 
-from pushstream import localkafka, localstack, topics, web
+from pushstream import localkafka, localstack, web
 from pushstream.config import Settings
 
 OUTAGE_DETECTED_WITHIN_S = 60.0
@@ -96,17 +95,10 @@ def wait_for_status(
 
 @pytest.mark.kafka
 async def test_ready_answers_503_while_the_broker_is_down_and_200_after(
-    names: Names, private_broker: localkafka.LocalKafka, tmp_path: Path
+    private_broker: localkafka.LocalKafka, private_settings: Settings, tmp_path: Path
 ) -> None:
     """Kubernetes would route to a worker cut off from Kafka; the log would flood."""
-    settings = Settings(
-        kafka_bootstrap=private_broker.bootstrap,
-        topic_prefix=names.topic_prefix,
-        app_id=names.app_id,
-        data_dir=tmp_path / "worker",
-    )
-    assert (await topics.ensure_topics(settings)).ok
-    env = localstack.worker_env(settings)
+    env = localstack.worker_env(private_settings)
     with WorkerProcess(env, log_path=tmp_path / "worker.log") as worker:
         before = len(worker.log().splitlines())
         await asyncio.to_thread(localkafka.down, private_broker)
