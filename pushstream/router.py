@@ -616,10 +616,9 @@ class Router:
     async def _republish(
         self, n: Notification, users: Iterable[str], expires: int | None
     ) -> None:
-        topic = self._pipeline.topics[NOTIFICATIONS]
         records = per_user(n, users, expires)
         for key, value in records:
-            await topic.send(key=key, value=value)
+            await self._pipeline.send(NOTIFICATIONS, key, value)
         log.debug("notification %s: re-published for %d users", n.id, len(records))
 
     def _warn_unkeyed(self) -> None:
