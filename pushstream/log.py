@@ -13,7 +13,8 @@ to metrics. Kafka's and Faust's libraries log a line per failed attempt
 while the broker is away; :class:`RepeatFilter` lets one line of each kind
 through every 30 seconds, with the count of those it dropped. Secrets
 never: settings hold them as ``SecretStr``, whose repr is ``'**********'``.
-A device token is shown only as :func:`shorten_token`.
+A device token is shown only as :func:`shorten_token`. A message longer than
+:data:`MESSAGE_MAX` characters is cut (:func:`cut_long`).
 
 The HTTP libraries (httpx, httpcore, h2, hpack) log request URLs and header
 blocks at DEBUG: an APNs URL holds a device token, a WNS URL is the channel
@@ -56,6 +57,10 @@ QUIET_LOGGERS = ("aiokafka", "aiohttp.access")
 REPEAT_LIMITED_LOGGERS = ("aiokafka", "faust", "mode")
 REPEAT_WINDOW_S = 30.0
 REPEAT_KINDS_MAX = 1000
+# The longest message kept whole. Faust's "wait_empty" warning lists every
+# message still in hand on one line, hundreds of kilobytes during a long
+# handover; many log shippers cut or drop lines that long.
+MESSAGE_MAX = 4000
 
 # The attribute that marks the handler this module installed.
 _MARK = "_pushstream_handler"
@@ -88,6 +93,7 @@ class GuardFilter(logging.Filter):
             if name in self._names or name.startswith(self._prefixes):
                 return False
         hide_input(record)
+        cut_long(record)
         return True
 
 
@@ -172,6 +178,16 @@ def hide_input(record: logging.LogRecord) -> None:
         text = _EXCEPTION_TEXT.formatException(record.exc_info)
     if text:
         record.exc_text = _hidden(text) if "input_value=" in text else text
+
+
+def cut_long(record: logging.LogRecord, limit: int = MESSAGE_MAX) -> None:
+    """Cut a record's message to ``limit`` characters, saying how many were cut."""
+    if not record.args and len(str(record.msg)) <= limit:
+        return
+    message = record.getMessage()
+    if len(message) > limit:
+        cut = len(message) - limit
+        record.msg, record.args = f"{message[:limit]}… ({cut} characters cut)", None
 
 
 def _hidden(text: str) -> str:

@@ -57,6 +57,19 @@ def test_guarded_loggers_stay_quiet_below_warning(
     assert "connection lost" in text
 
 
+def test_a_huge_message_is_cut_to_one_readable_line(stream: io.StringIO) -> None:
+    """A line of hundreds of kilobytes is cut or dropped by log shippers."""
+    log.setup(logging.INFO, stream=stream)
+    waiting = ", ".join(f"(1, <Message: offset={n}>)" for n in range(20_000))
+    logging.getLogger("faust.transport.consumer").warning(
+        "wait_empty: Waiting for tasks %r", waiting
+    )
+    [line] = stream.getvalue().splitlines()
+    assert "wait_empty: Waiting for tasks" in line
+    assert line.endswith(" characters cut)")
+    assert len(line) < log.MESSAGE_MAX + 200
+
+
 def test_other_loggers_pass_at_their_level(stream: io.StringIO) -> None:
     """The guard must not swallow pushstream's own DEBUG lines when asked for."""
     log.setup(logging.DEBUG, stream=stream)
