@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn, cast
 
 import faust
@@ -261,9 +262,62 @@ class PipelineConsumer(faust_aiokafka.Consumer):
     """
 
     _interrupted: asyncio.Future[None] | None = None
+    # Read offsets set by a seek while a fetched batch is handed out, by
+    # partition; None while no batch is.
+    _sought: dict[Any, int | None] | None = None
+    _repositioned: tuple[Any, ...] = ()
 
     def _new_consumer_thread(self) -> PipelineConsumerThread:
         return PipelineConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:  # noqa: ASYNC109 (overrides Faust)
+        """Faust's batches, without the records a seek made stale.
+
+        A rebalance seeks the partitions to their committed offsets while
+        Faust's fetch loop may still be handing out a batch fetched before
+        (a worker that joins first reads from wherever its fetcher started).
+        Faust keeps handing out that batch, and after each record sets the
+        partition's read offset to it, over the one the seek set; the
+        fetcher then reads again from the committed offset, but every
+        record below that read offset is dropped unseen and never acked, so
+        the partition's committed offset can never pass them. Here the rest
+        of the batch of a sought partition is left to the fetcher, and the
+        seek's read offset is put back after each record.
+        """
+        self._sought = None
+        try:
+            async for tp, message in super().getmany(timeout):
+                if self._sought is None:
+                    self._sought = {}
+                elif self._sought:
+                    self._read_offset.update(self._sought)
+                    if tp in self._sought:
+                        continue
+                yield tp, message
+            if self._sought:
+                self._read_offset.update(self._sought)
+        finally:
+            self._sought = None
+
+    async def seek_to_committed(self) -> Any:
+        committed = await super().seek_to_committed()
+        # The partitions the fetcher moved: those with an offset committed.
+        self._repositioned = tuple(tp for tp, offset in committed.items() if offset)
+        return committed
+
+    async def perform_seek(self) -> None:
+        self._repositioned = ()
+        await super().perform_seek()
+        self._note_sought(self._repositioned)
+
+    async def seek(self, partition: Any, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._note_sought([partition])
+
+    def _note_sought(self, tps: Any) -> None:
+        sought = self._sought
+        if sought is not None:
+            sought.update({tp: self._read_offset.get(tp) for tp in tps})
 
     def stop_flow(self) -> None:
         super().stop_flow()
