@@ -61,10 +61,13 @@ broker: venv
 broker-down: venv
 	$(PUSHSTREAM) kafka down
 
-# Starts a broker only if none answers on the port, and stops the broker it
+# Starts a broker only if none runs on the port, and stops the broker it
 # started however the run ends; the exit code is pytest's (or the first failure's).
 test: venv lint deploy-check
-	@if ! $(PUSHSTREAM) kafka status; then \
+	@if $(PUSHSTREAM) kafka in-use; then \
+		echo "a broker answers on 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT); using it and leaving it running"; \
+	else \
+		echo "no broker answers on 127.0.0.1:$(PUSHSTREAM_KAFKA_PORT); starting one, stopped after the tests"; \
 		trap '$(PUSHSTREAM) kafka down' EXIT; \
 		$(PUSHSTREAM) kafka up; \
 	fi; \

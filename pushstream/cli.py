@@ -119,7 +119,7 @@ def kafka_down(local: localkafka.LocalKafka, timeout: float) -> None:
     if was.running:
         click.echo(f"Kafka stopped (pid {was.pid})")
     else:
-        click.echo("Kafka was not running")
+        click.echo(f"no broker of {local.data_dir} runs; nothing to stop")
 
 
 @kafka.command("status")
@@ -128,7 +128,21 @@ def kafka_status(local: localkafka.LocalKafka) -> None:
     """Print whether the broker runs; exit status 1 when it does not."""
     current = localkafka.status(local)
     click.echo(f"Kafka {current.describe()}")
-    if not current.running:
+    if current.running:
+        return
+    if localkafka.broker_answers(local.bootstrap):
+        click.echo(
+            f"another broker answers on {local.bootstrap}; `kafka down` leaves it alone"
+        )
+    sys.exit(1)
+
+
+@kafka.command("in-use")
+@click.pass_obj
+def kafka_in_use(local: localkafka.LocalKafka) -> None:
+    """Exit 0 when a broker runs on the port (this data folder's or another
+    that answers), 1 when `up` would start one; prints nothing."""
+    if not localkafka.in_use(local):
         sys.exit(1)
 
 

@@ -356,6 +356,12 @@ def status(kafka: LocalKafka) -> Status:
     return Status(running=False, data_dir=kafka.data_dir)
 
 
+def in_use(kafka: LocalKafka) -> bool:
+    """True when :func:`up` would start nothing: the broker of this data folder
+    runs (perhaps still starting), or another broker answers on the port."""
+    return status(kafka).running or broker_answers(kafka.bootstrap)
+
+
 def _read_state(kafka: LocalKafka) -> dict[str, Any]:
     try:
         state = json.loads(kafka.state_file.read_text())

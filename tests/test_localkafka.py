@@ -99,6 +99,22 @@ def test_up_uses_a_broker_that_already_answers_on_the_port(
     assert not localkafka.down(local).running
 
 
+def test_in_use_tells_make_test_whether_to_start_a_broker(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    """`make test` would start a second broker, or stop one it did not start."""
+    port = int(kafka.bootstrap.rpartition(":")[2])
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        free = spare.getsockname()[1]
+
+    def in_use(port: int) -> int:
+        args = ["kafka", "--port", str(port), "--data", str(tmp_path), "in-use"]
+        return CliRunner().invoke(cli, args).exit_code
+
+    assert (in_use(port), in_use(free)) == (0, 1)
+
+
 def test_status_reports_the_running_broker(kafka: Kafka) -> None:
     """`pushstream kafka status` would not tell a developer the broker runs."""
     port = int(kafka.bootstrap.rpartition(":")[2])
