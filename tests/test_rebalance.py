@@ -41,15 +41,16 @@ from pushstream.config import Settings
 if TYPE_CHECKING:
     from conftest import Kafka
 
+KNOWN_LOSS = (
+    "known loss at rebalances (docs/limitations.md, Kafka and Faust): the worker "
+    "consumer still lets a batch fetched while a rebalance's seek ran move the "
+    "read offset; this test fails about one run in three until that is fixed"
+)
+
 pytestmark = [
     pytest.mark.kafka,
     pytest.mark.timeout(240),
-    pytest.mark.skip(
-        reason="known loss at rebalances (docs/limitations.md, Kafka and Faust): the "
-        "worker consumer still lets a batch fetched while a rebalance's seek ran "
-        "move the read offset; this test fails about one run in three until that "
-        "is fixed"
-    ),
+    pytest.mark.skip(reason=KNOWN_LOSS),
 ]
 __all__ = ["stand_ins"]  # the fixture, from test_chaos
 
